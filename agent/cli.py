@@ -25,7 +25,7 @@ from agent.daemon import Daemon, QemuGone, check_runtime_dir
 from agent.errors import StartupError
 from agent.logs import configure_logging
 from agent.qmp import open_qmp
-from agent.server import ControlServer
+from agent.server import ControlServer, bind_control_socket
 
 EXIT_STARTUP = 1
 EXIT_QEMU_GONE = 3
@@ -36,18 +36,28 @@ log = structlog.get_logger()
 
 # -- serve ----------------------------------------------------------------------
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
 async def serve(config: Config) -> int:
     """Run the agent until a signal or until QEMU goes away; returns the exit status."""
     status = 0
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        sock = None
         try:
+            sock = bind_control_socket(config.control_path)
             check_runtime_dir(config.runtime_dir)
             async with open_qmp(config.qmp_path, timeout=config.qmp_timeout) as qmp:
                 log.info("qmp-attached", qmp=str(config.qmp_path), qemu=qmp.version)
                 daemon = Daemon(config, qmp)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(daemon.run)
-                    await nursery.start(ControlServer(config, daemon).run)
+                    await nursery.start(ControlServer(config, daemon).run, sock)
                     log.info("agent-ready", control=str(config.control_path),
                              runtime_dir=str(config.runtime_dir), version=__version__)
                     async for signum in signals:
@@ -57,16 +67,21 @@ async def serve(config: Config) -> int:
                         nursery.cancel_scope.cancel()
                         break
         except* StartupError as group:
-            for err in group.exceptions:
+            for err in _leaves(group):
                 log.error("startup-failed", error=str(err))
             status = EXIT_STARTUP
         except* QemuGone:
             log.error("qemu-gone", detail="QMP connection closed; every nbdkit was stopped")
             status = EXIT_QEMU_GONE
         except* OSError as oserrs:
-            for oserr in oserrs.exceptions:
+            for oserr in _leaves(oserrs):
                 log.error("startup-failed", error=str(oserr))
             status = EXIT_STARTUP
+        finally:
+            if sock is not None:
+                sock.close()
+                if status == EXIT_STARTUP:
+                    config.control_path.unlink(missing_ok=True)
     log.info("agent-stopped", status=status)
     return status
 

@@ -27,6 +27,7 @@ class ControlClient:
         self._ids = itertools.count(1)
         self._waiting: dict[Any, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._ev_send, self._ev_recv = trio.open_memory_channel[dict[str, Any]](10_000)
+        self._stray_send, self._stray_recv = trio.open_memory_channel[dict[str, Any]](10_000)
         self.closed = trio.Event()
 
     async def send_raw(self, data: bytes) -> None:
@@ -57,6 +58,10 @@ class ControlClient:
     async def next_event(self) -> dict[str, Any]:
         return await self._ev_recv.receive()
 
+    async def next_reply(self) -> dict[str, Any]:
+        """The next reply that answers no ``call`` (e.g. to ``send_raw`` lines)."""
+        return await self._stray_recv.receive()
+
     async def _read(self) -> None:
         try:
             async for line in protocol.read_lines(self.stream, MAX_LINE):
@@ -67,6 +72,8 @@ class ControlClient:
                     self._ev_send.send_nowait(msg)
                 elif msg.get("id") in self._waiting:
                     self._waiting[msg["id"]].send_nowait(msg)
+                else:
+                    self._stray_send.send_nowait(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -74,6 +81,7 @@ class ControlClient:
             for send in self._waiting.values():
                 send.close()
             self._ev_send.close()
+            self._stray_send.close()
 
 
 @asynccontextmanager

@@ -1,6 +1,7 @@
 """The QEMU side of a disk: blockdev-add + device_add, and their undoing.
 
-Slots are found by asking QEMU (``query-pci``), never guessed:
+Slots are found by asking QEMU (QOM: each device's type and parent bus),
+never guessed:
 
 * ``virtio-blk-pci`` goes on a free ``pcie-root-port`` (q35) or, on a
   machine with a conventional PCI root bus (i440fx), on ``pci.0`` while it
@@ -25,11 +26,6 @@ from agent.errors import NoFreeSlot, QmpError
 
 log = structlog.get_logger()
 
-REDHAT_VENDOR = 0x1B36
-PCIE_ROOT_PORT = 0x000C
-VIRTIO_VENDOR = 0x1AF4
-VIRTIO_SCSI_IDS = (0x1004, 0x1048)
-I440FX_HOST = (0x8086, 0x1237)
 PCI_SLOTS = 32
 
 
@@ -55,49 +51,62 @@ class Attachment:
     bus: str
 
 
-def _walk(buses: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All PCI devices, depth first, with ``_bus`` set to their bus number."""
-    out: list[dict[str, Any]] = []
+@dataclass(frozen=True)
+class Device:
+    """One user-created device, as QOM shows it."""
 
-    def visit(bus_no: int, devices: list[dict[str, Any]]) -> None:
-        for dev in devices:
-            out.append({**dev, "_bus": bus_no})
-            bridge = dev.get("pci_bridge")
-            if bridge:
-                visit(bridge["bus"]["secondary"], bridge.get("devices", []))
-
-    for bus in buses:
-        visit(bus["bus"], bus["devices"])
-    return out
+    id: str | None  # None for devices created without an id
+    type: str
+    parent_bus: str  # QOM path of the bus it sits on
 
 
-def pick_bus(pci: list[dict[str, Any]], driver: str, taken: set[str]) -> str:
-    """Choose the bus for a new device from a ``query-pci`` answer.
+def pick_bus(devices: list[Device], driver: str, machine: str, root_slots_used: int) -> str:
+    """Choose the bus for a new ``driver`` device.  Raises NoFreeSlot.
 
-    Raises NoFreeSlot.
+    A root port counts as free when no device sits on its bus (whose QOM
+    path ends in the port's id).  QOM, not ``query-pci``, is the source:
+    ``query-pci`` only shows bridges that firmware has numbered, so it
+    misses every root port of a VM that has not booted yet.
     """
-    devices = _walk(pci)
     if driver == "scsi-hd":
         for dev in devices:
-            ident = dev["id"]
-            if (ident["vendor"] == VIRTIO_VENDOR and ident["device"] in VIRTIO_SCSI_IDS
-                    and dev.get("qdev_id")):
-                return f"{dev['qdev_id']}.0"
+            if dev.type == "virtio-scsi-pci" and dev.id:
+                return f"{dev.id}.0"
         raise NoFreeSlot("no virtio-scsi-pci controller with an id "
                          "(start QEMU with -device virtio-scsi-pci,id=scsi0)")
+    occupied = {d.parent_bus.rsplit("/", 1)[-1] for d in devices}
     for dev in devices:
-        ident = dev["id"]
-        bridge = dev.get("pci_bridge")
-        if (ident["vendor"] == REDHAT_VENDOR and ident["device"] == PCIE_ROOT_PORT
-                and bridge is not None and not bridge.get("devices")
-                and dev.get("qdev_id") and dev["qdev_id"] not in taken):
-            return str(dev["qdev_id"])
-    root = [d for d in devices if d["_bus"] == 0]
-    is_i440fx = any((d["id"]["vendor"], d["id"]["device"]) == I440FX_HOST for d in root)
-    if is_i440fx and len({d["slot"] for d in root}) + len(taken) < PCI_SLOTS:
+        if dev.type == "pcie-root-port" and dev.id and dev.id not in occupied:
+            return dev.id
+    if "i440fx" in machine and root_slots_used < PCI_SLOTS:
         return "pci.0"
     raise NoFreeSlot("no free hot-pluggable PCI slot: add a free pcie-root-port "
                      "(-device pcie-root-port,id=rpN,chassis=N) on q35")
+
+
+async def list_devices(qmp: Qmp) -> list[Device]:
+    """Every device under /machine/peripheral{,-anon}, with its bus."""
+    out: list[Device] = []
+    for base, named in (("/machine/peripheral", True), ("/machine/peripheral-anon", False)):
+        for item in await qmp.execute("qom-list", {"path": base}):
+            kind = item["type"]
+            if not kind.startswith("child<"):
+                continue
+            path = f"{base}/{item['name']}"
+            bus = await qmp.execute("qom-get", {"path": path, "property": "parent_bus"})
+            out.append(Device(item["name"] if named else None, kind[6:-1], str(bus)))
+    return out
+
+
+async def find_bus(qmp: Qmp, driver: str) -> str:
+    """Ask QEMU for a free place for a ``driver`` device.  Raises NoFreeSlot."""
+    devices = await list_devices(qmp)
+    machine = str(await qmp.execute("qom-get", {"path": "/machine", "property": "type"}))
+    used = 0
+    if "i440fx" in machine:
+        pci = await qmp.execute("query-pci")
+        used = len({d["slot"] for d in pci[0]["devices"]})
+    return pick_bus(devices, driver, machine, used)
 
 
 class Hotplug:
@@ -125,7 +134,7 @@ class Hotplug:
         })
         try:
             async with self._slot_lock:
-                bus = pick_bus(await self.qmp.execute("query-pci"), driver, set())
+                bus = await find_bus(self.qmp, driver)
                 args: dict[str, Any] = {"driver": driver, "id": dev, "drive": node, "bus": bus}
                 if werror:
                     args["werror"] = werror

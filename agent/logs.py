@@ -48,5 +48,7 @@ def configure_logging(level: str = "info", *, stream: TextIO | None = None,
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    # qemu.qmp is chatty at DEBUG/INFO about its own protocol steps.
-    logging.getLogger("qemu.qmp").setLevel(max(numeric, logging.WARNING))
+    # qemu.qmp narrates its protocol steps and logs failures that the QMP
+    # bridge reports itself, with more context; keep only its worst.
+    logging.getLogger("qemu.qmp").setLevel(
+        logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)

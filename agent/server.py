@@ -56,6 +56,31 @@ def _prepare_path(path: Path) -> None:
         probe.close()
 
 
+def bind_control_socket(path: Path) -> trio.socket.SocketType:
+    """Bind and listen on the control socket (mode 0600).
+
+    Raises StartupError if the path is too long, in use by a live agent, or
+    cannot be bound.  A stale socket file is replaced.
+    """
+    try:
+        check_socket_path(path)
+    except AgentError as err:
+        raise StartupError(err.message) from err
+    _prepare_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(os.fspath(path))
+        finally:
+            os.umask(old)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {err}") from err
+    return trio.socket.from_stdlib_socket(sock)
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream, daemon: Daemon, config: Config) -> None:
         self.stream = stream
@@ -161,35 +186,19 @@ class ControlServer:
         self.daemon = daemon
         self.connections = 0
 
-    async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = (
-            trio.TASK_STATUS_IGNORED)) -> None:
-        """Serve until cancelled; the socket file is removed on the way out.
+    async def run(self, sock: trio.socket.SocketType, *,
+                  task_status: trio.TaskStatus[list[trio.SocketListener]] = (
+                      trio.TASK_STATUS_IGNORED)) -> None:
+        """Serve ``sock`` (from ``bind_control_socket``) until cancelled.
 
-        Raises StartupError if the path is in use or cannot be bound.
+        The socket file is removed on the way out.
         """
-        path = self.config.control_path
         try:
-            check_socket_path(path)
-        except AgentError as err:
-            raise StartupError(err.message) from err
-        _prepare_path(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            old = os.umask(0o177)
-            try:
-                await sock.bind(os.fspath(path))
-            finally:
-                os.umask(old)
-            sock.listen(128)
-        except OSError as err:
-            sock.close()
-            raise StartupError(f"cannot listen on {path}: {err}") from err
-        try:
-            log.info("control-listening", path=str(path))
+            log.info("control-listening", path=str(self.config.control_path))
             await trio.serve_listeners(self._serve_one, [trio.SocketListener(sock)],
                                        task_status=task_status)
         finally:
-            path.unlink(missing_ok=True)
+            self.config.control_path.unlink(missing_ok=True)
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         async with stream:

@@ -1,0 +1,268 @@
+"""Fixtures that drive real processes: QEMU (q35, TCG, no guest) and the agent.
+
+Every socket lives in a short private dir under /tmp (sun_path is 107 bytes).
+Readiness is awaited on real conditions (QMP accepting, the agent's
+``agent-ready`` log line), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from agent.client import ControlClient, open_control
+from contrib.guest.qmp import QMPClient, open_qmp
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nh-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def wait_connectable(path: Path, timeout: float = 20) -> None:
+    """Poll until a Unix socket accepts a connection (bounded)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_unix_socket(str(path))
+            except OSError:
+                await trio.sleep(0.02)
+                continue
+            await stream.aclose()
+            return
+
+
+class Qemu:
+    """A real qemu-system-x86_64: q35, TCG, no guest, two QMP monitors.
+
+    Its stdout is collected line by line: that is where HMP ``qemu-io``
+    prints its results.
+    """
+
+    def __init__(self, proc: trio.Process, qmp_path: Path, test_qmp_path: Path) -> None:
+        self.proc = proc
+        self.qmp_path = qmp_path
+        self.test_qmp_path = test_qmp_path
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        buf = b""
+        async for chunk in self.proc.stdout:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            self.lines += [x.decode(errors="replace") for x in lines]
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_line(self, start: int, done: Callable[[str], bool],
+                        timeout: float = 30) -> list[str]:
+        """Lines printed since index ``start``, once one of them satisfies ``done``."""
+        with trio.fail_after(timeout):
+            while not any(done(x) for x in self.lines[start:]):
+                await self._changed.wait()
+        return self.lines[start:]
+
+
+@pytest.fixture
+async def qemu(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Qemu]:
+    qmp_path, test_path = short_tmp / "qmp.sock", short_tmp / "qmp-test.sock"
+    argv = [
+        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-nodefaults",
+        "-display", "none", "-m", "128", "-S",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-qmp", f"unix:{test_path},server=on,wait=off",
+        "-device", "virtio-scsi-pci,id=scsi0",
+    ]
+    for i in range(1, 5):
+        argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i},slot={i},port={i}"]
+    # stdbuf: qemu-io's printf output must not sit in a stdio buffer.
+    proc = await trio.lowlevel.open_process(["stdbuf", "-oL", *argv],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    qemu = Qemu(proc, qmp_path, test_path)
+    try:
+        nursery.start_soon(qemu._read_stdout)
+        await wait_connectable(test_path)
+        yield qemu
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(10):
+                    await proc.wait()
+                proc.kill()
+            await proc.wait()
+
+
+@pytest.fixture
+async def monitor(qemu: Qemu) -> AsyncIterator[QMPClient]:
+    """The test's own QMP monitor (the agent has the other one)."""
+    async with open_qmp(qemu.test_qmp_path) as client:
+        yield client
+
+
+class Agent:
+    """A real agent process (``python -m agent serve``) and its log lines."""
+
+    def __init__(self, proc: trio.Process, control: Path, runtime_dir: Path) -> None:
+        self.proc = proc
+        self.control = control
+        self.runtime_dir = runtime_dir
+        self.logs: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+
+    async def _read_stderr(self, task_status: trio.TaskStatus[None]) -> None:
+        assert self.proc.stderr is not None
+        buf = b""
+        started = False
+        async for chunk in self.proc.stderr:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = {"event": "raw", "line": line.decode(errors="replace")}
+                self.logs.append(entry)
+                if entry.get("event") == "agent-ready" and not started:
+                    started = True
+                    task_status.started()
+            self._changed.set()
+            self._changed = trio.Event()
+        if not started:
+            raise RuntimeError(f"agent exited before ready: {self.logs[-10:]}")
+
+    async def wait_log(self, event: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
+        """Wait until the agent logged ``event`` with the given fields."""
+        with trio.fail_after(timeout):
+            seen = 0
+            while True:
+                for entry in self.logs[seen:]:
+                    if entry.get("event") == event and all(
+                            entry.get(k) == v for k, v in match.items()):
+                        return entry
+                seen = len(self.logs)
+                await self._changed.wait()
+
+    def descendants(self) -> set[int]:
+        """Pids of every live process below the agent (keepers and nbdkits)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] == "Z":
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+        out: set[int] = set()
+        todo = [self.proc.pid]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                out.add(child)
+                todo.append(child)
+        return out
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            return await self.proc.wait()
+
+
+async def start_agent(nursery: trio.Nursery, qemu: Qemu, tmp: Path,
+                      *extra: str) -> Agent:
+    control, runtime = tmp / "ctl.sock", tmp / "run"
+    argv = [sys.executable, "-m", "agent", "serve", "--qmp", str(qemu.qmp_path),
+            "--control", str(control), "--runtime-dir", str(runtime),
+            "--log-level", "debug", *extra]
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    agent = Agent(proc, control, runtime)
+    await nursery.start(agent._read_stderr)
+    return agent
+
+
+@pytest.fixture
+async def agent(qemu: Qemu, short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Agent]:
+    agent = await start_agent(nursery, qemu, short_tmp, "--health-interval", "1")
+    try:
+        yield agent
+    finally:
+        with trio.CancelScope(shield=True):
+            if agent.proc.returncode is None:
+                agent.proc.kill()
+            await agent.proc.wait()
+
+
+@pytest.fixture
+async def ctl(agent: Agent) -> AsyncIterator[ControlClient]:
+    async with open_control(agent.control) as client:
+        yield client
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    """The result of a successful reply (fails the test with the error otherwise)."""
+    assert reply["ok"], reply
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+def error_code(reply: dict[str, Any]) -> str:
+    assert not reply["ok"], reply
+    return str(reply["error"]["code"])
+
+
+def _qemu_io_done(line: str) -> bool:
+    return line.startswith(("wrote ", "read ")) or "failed" in line
+
+
+async def qemu_io(qemu: Qemu, monitor: QMPClient, device_path: str, command: str) -> str:
+    """Real I/O through the device's block backend via HMP qemu-io.
+
+    Returns what qemu-io printed (on QEMU's stdout), or the monitor's error.
+    """
+    start = len(qemu.lines)
+    out = await monitor.execute("human-monitor-command", {
+        "command-line": f'qemu-io -d {device_path} "{command}"'})
+    if out:
+        return str(out)
+    return "\n".join(await qemu.wait_line(start, _qemu_io_done))
+
+
+def backend(device: str, driver: str = "virtio-blk-pci") -> str:
+    """qemu-io -d needs the QOM path of the device that owns the BlockBackend."""
+    if driver == "virtio-blk-pci":
+        return f"/machine/peripheral/{device}/virtio-backend"
+    return device
+
+
+async def node_names(monitor: QMPClient) -> set[str]:
+    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+    return {n["node-name"] for n in nodes}
+
+
+async def peripherals(monitor: QMPClient) -> set[str]:
+    items = await monitor.execute("qom-list", {"path": "/machine/peripheral"})
+    return {i["name"] for i in items if i["type"].startswith("child<")}
