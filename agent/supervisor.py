@@ -107,8 +107,9 @@ class Supervisor:
         self.last_exit: ExitInfo | None = None
         self.last_error: str | None = None
         self.detach = False
+        #: the nbdkit left running by a detach (kept referenced, not reaped)
+        self.detached: nbdkit.NbdkitProcess | None = None
         self._restart = trio.Event()
-        self._proc: nbdkit.NbdkitProcess | None = None
         # monotonic time the disk stopped serving; None until first ready
         self._down_since: float | None = None
         self._ready_at: float | None = None
@@ -223,7 +224,6 @@ class Supervisor:
             return ExitInfo(None, None, f"cannot execute nbdkit: {err}", "", time.time())
         finally:
             os.close(wfd)
-        self._proc = proc
         self.pid = proc.pid
         self._log.debug("nbdkit-spawned", pid=proc.pid, argv=self.argv)
         tail = _Tail()
@@ -243,11 +243,13 @@ class Supervisor:
                     await stderr_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self._proc = None
-            if proc.returncode is None and not self.detach:
-                with trio.CancelScope(shield=True):
-                    await self._terminate(proc)
-            proc.close()
+            if proc.returncode is None and self.detach:
+                self.detached = proc
+            else:
+                if proc.returncode is None:
+                    with trio.CancelScope(shield=True):
+                        await self._terminate(proc)
+                proc.close()
         rc = proc.returncode
         if rc is None:  # detached: left running
             return ExitInfo(None, None, "detached", tail.text(), time.time())
