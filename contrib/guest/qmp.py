@@ -144,7 +144,7 @@ class QMPClient:
         command: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        timeout: float = 30,  # noqa: ASYNC109 - bounded by default, see module doc
+        timeout: float = 30,
     ) -> Any:
         """Run a QMP command and return its ``return`` value; raise :class:`QMPError`."""
         cmd_id = f"c{next(self._ids)}"
@@ -183,7 +183,7 @@ class QMPClient:
         name: str,
         *,
         match: Mapping[str, Any] | None = None,
-        timeout: float = 30,  # noqa: ASYNC109 - bounded by default, see module doc
+        timeout: float = 30,
     ) -> dict[str, Any]:
         """Consume and return the first event ``name`` whose ``data`` contains ``match``."""
         try:
@@ -208,7 +208,7 @@ class QMPClient:
 async def open_qmp(
     path: str | os.PathLike[str],
     *,
-    timeout: float = 10,  # noqa: ASYNC109 - bounded by default, see module doc
+    timeout: float = 10,
 ) -> AsyncIterator[QMPClient]:
     """Connect to a QMP unix socket, negotiate capabilities, yield a :class:`QMPClient`."""
     try:

@@ -251,7 +251,7 @@ class GuestVM:
     async def run(
         self,
         cmd: str,
-        timeout: float = 30,  # noqa: ASYNC109 - also sets the guest-side kill timer
+        timeout: float = 30,
     ) -> tuple[int, str]:
         """Run ``cmd`` with ``/bin/sh`` in the guest; return ``(exit status, stdout+stderr)``.
 
@@ -266,7 +266,7 @@ class GuestVM:
     async def run_bytes(
         self,
         cmd: str,
-        timeout: float = 30,  # noqa: ASYNC109 - also sets the guest-side kill timer
+        timeout: float = 30,
     ) -> tuple[int, bytes]:
         """:meth:`run` returning the raw output bytes."""
         if self._broken is not None:
@@ -292,7 +292,7 @@ class GuestVM:
     async def check(
         self,
         cmd: str,
-        timeout: float = 30,  # noqa: ASYNC109 - also sets the guest-side kill timer
+        timeout: float = 30,
     ) -> str:
         """Like :meth:`run` but return only the output; raise :class:`GuestCommandError`
         unless the status is 0."""
@@ -304,7 +304,7 @@ class GuestVM:
     async def wait_for(
         self,
         cmd: str,
-        timeout: float = 30,  # noqa: ASYNC109 - bounded by default
+        timeout: float = 30,
         interval: float = 0.05,
     ) -> str:
         """Re-run ``cmd`` until it exits 0 (return its output) or ``timeout`` passes."""
