@@ -34,7 +34,7 @@ from agent.hotplug import Attachment, Hotplug
 from agent.nbdkit import ExportSpec, FilterSpec, build_argv, check_export, check_socket_path
 from agent.protocol import AddArgs, RemoveArgs, RestartArgs
 from agent.qmp import QmpConnection
-from agent.supervisor import Supervisor
+from agent.supervisor import ProcState, Supervisor
 
 log = structlog.get_logger()
 
@@ -63,7 +63,10 @@ class Disk:
     device_gone: trio.Event = field(default_factory=trio.Event)
     lock: trio.Lock = field(default_factory=trio.Lock)
     task_started: bool = False
+    #: QEMU paused the VM on an I/O error of this disk (werror/rerror=stop)
     paused_vm: bool = False
+    #: supervisor.restarts when the agent last resumed the VM for this disk
+    resumed_at: int = 0
 
     @property
     def state(self) -> str:
@@ -300,6 +303,13 @@ class Daemon:
             return
         if data.get("action") == "stop":
             disk.paused_vm = True
+            # The error can arrive after the recovery that cures it (with
+            # reconnect-delay 0 the failed request races the restart).  One
+            # resume per recovery: an error that persists stays paused.
+            if (disk.supervisor.state is ProcState.RUNNING
+                    and disk.supervisor.restarts > disk.resumed_at):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._resume_vm, disk)
         log.warning("io-error", disk=disk.id, operation=data.get("operation"),
                     action=data.get("action"), reason=data.get("reason"))
         self.emit("io-error", disk.id, operation=data.get("operation"),
@@ -307,7 +317,10 @@ class Daemon:
 
     async def _resume_vm(self, disk: Disk) -> None:
         """After our disk recovered: resume a VM that QEMU paused because of it."""
+        if not disk.paused_vm:
+            return
         disk.paused_vm = False
+        disk.resumed_at = disk.supervisor.restarts
         with structlog.contextvars.bound_contextvars(disk=disk.id):
             try:
                 status = await self.qmp.execute("query-status")
