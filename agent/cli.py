@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import trio
 
-from agent import __version__
+from agent import __version__, sandbox
 from agent.client import open_control
 from agent.config import Config, default_base_dir, default_runtime_dir, load_config
 from agent.daemon import Daemon, QemuGone, check_runtime_dir
@@ -53,8 +53,12 @@ async def serve(config: Config) -> int:
             sock = bind_control_socket(config.control_path)
             check_runtime_dir(config.runtime_dir)
             async with open_qmp(config.qmp_path, timeout=config.qmp_timeout) as qmp:
-                log.info("qmp-attached", qmp=str(config.qmp_path), qemu=qmp.version)
-                daemon = Daemon(config, qmp)
+                log.info("qmp-attached", qmp=str(config.qmp_path), qemu=qmp.version,
+                         qemu_uid=qmp.peer_uid)
+                host = await trio.to_thread.run_sync(sandbox.detect, config.sandbox,
+                                                     qmp.peer_uid)
+                log.info("sandbox-layers", **host.available())
+                daemon = Daemon(config, qmp, host)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(daemon.run)
                     await nursery.start(ControlServer(config, daemon).run, sock)
@@ -111,6 +115,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             fields["disk"] = args.disk
         if args.filter:
             fields["filters"] = args.filter
+        if args.secret:
+            fields["secrets"] = _read_secrets(args.secret)
         for key in ("reconnect_delay", "werror", "rerror"):
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
@@ -118,6 +124,16 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.command in ("remove", "restart"):
         return args.command, {"disk": args.disk}
     return args.command, {}
+
+
+def _read_secrets(items: list[str]) -> dict[str, str]:
+    """KEY=FILE pairs -> {KEY: content}; secrets never go on a command line."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, _, source = item.partition("=")
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        out[key] = text.rstrip("\n")
+    return out
 
 
 def _human(op: str, result: dict[str, Any]) -> str:
@@ -191,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--health-interval", type=float, help="seconds between health probes")
     s.add_argument("--health-timeout", type=float, help="health probe deadline (s)")
     s.add_argument("--unplug-timeout", type=float, help="deadline for the guest to unplug")
+    s.add_argument("--file-dir", type=Path, action="append", dest="file_dirs",
+                   help="a directory the file plugin may serve from (repeat)")
+    s.add_argument("--run-as", help="user nbdkit runs as when the agent is root "
+                   "(default: nbd-hotplug, else nobody)")
 
     for name, help_ in (("ping", "check the agent and QEMU"), ("list", "list disks"),
                         ("watch", "print events as they come")):
@@ -208,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reconnect-delay", type=int)
     a.add_argument("--werror", choices=["report", "ignore", "enospc", "stop"])
     a.add_argument("--rerror", choices=["report", "ignore", "stop"])
+    a.add_argument("--secret", action="append", metavar="KEY=FILE",
+                   help="read secret KEY (e.g. password) from FILE ('-': stdin); repeat")
     a.add_argument("--json", action="store_true", help="JSON output")
 
     for name, help_ in (("remove", "unplug a disk and stop its nbdkit"),
@@ -236,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             health_interval=args.health_interval,
             health_timeout=args.health_timeout,
             unplug_timeout=args.unplug_timeout,
+            file_dirs=args.file_dirs,
+            run_as=args.run_as,
         )
     except StartupError as err:
         print(f"nbd-hotplug: {err}", file=sys.stderr)

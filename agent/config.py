@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import StartupError
+from agent.sandbox import Limits, Policy
 
 #: Plugins that serve data and run no user-supplied code.  Plugins that
 #: execute code (sh, eval, cc, python, perl, lua, ruby, tcl, ocaml, golang,
@@ -36,11 +37,20 @@ DEFAULT_FILTERS = frozenset({
 #: arbitrary files into the request, or inject file descriptors.  Secrets
 #: (passwords, cookies) never travel as parameters.
 DENIED_PARAMS: dict[str, frozenset[str]] = {
-    "*": frozenset({"password", "proxy-password", "cookie", "socket-fd"}),
+    # allow/deny belong to the agent's own ip filter
+    "*": frozenset({"password", "proxy-password", "cookie", "socket-fd", "allow", "deny"}),
     "curl": frozenset({"header-script", "cookie-script", "header-script-renew",
                        "cookie-script-renew", "cookiejar"}),
     "nbd": frozenset({"command", "arg"}),
     "ssh": frozenset({"config"}),
+}
+
+
+#: Parameters that may only be given as ``secrets`` (they reach nbdkit as
+#: ``key=-FD``, read from a pipe).
+SECRET_PARAMS: dict[str, frozenset[str]] = {
+    "curl": frozenset({"password", "proxy-password", "cookie"}),
+    "ssh": frozenset({"password"}),
 }
 
 
@@ -80,6 +90,7 @@ class Config:
     allowed_plugins: frozenset[str] = DEFAULT_PLUGINS
     allowed_filters: frozenset[str] = DEFAULT_FILTERS
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    sandbox: Policy = field(default_factory=Policy)
     #: seconds for nbdkit to answer a first NBD handshake
     ready_timeout: float = 10.0
     #: seconds between health probes of a running nbdkit (0 disables)
@@ -120,12 +131,22 @@ def load_config(path: Path | None, **overrides: Any) -> Config:
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise StartupError(f"cannot read config {path}: {err}") from err
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - set(_SIMPLE)
+    unknown = set(values) - set(_SIMPLE) - {"file_dirs", "run_as"}
     if unknown:
         raise StartupError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    file_dirs = values.pop("file_dirs", None)
     try:
         if "restart" in values and isinstance(values["restart"], dict):
             values["restart"] = RestartPolicy(**values["restart"])
+        box = dict(values.get("sandbox") or {})
+        if isinstance(box.get("limits"), dict):
+            box["limits"] = Limits(**box["limits"])
+        box["file_dirs"] = tuple(Path(d) for d in [*box.get("file_dirs", ()),
+                                                    *(file_dirs or ())])
+        box["required"] = frozenset(box.get("required", ()))
+        if "run_as" in values:
+            box["run_as"] = values.pop("run_as")
+        values["sandbox"] = Policy(**box)
         for key in ("allowed_plugins", "allowed_filters"):
             if key in values:
                 values[key] = frozenset(values[key])

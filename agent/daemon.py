@@ -15,23 +15,31 @@ Exit paths:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import secrets
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_hex
 from typing import Any
 
 import structlog
 import trio
 
-from agent import __version__, protocol
+from agent import __version__, protocol, sandbox
 from agent.config import Config
 from agent.errors import AgentError, Busy, Exists, InvalidState, NotFound, UnplugTimeout
 from agent.hotplug import Attachment, Hotplug
-from agent.nbdkit import ExportSpec, FilterSpec, build_argv, check_export, check_socket_path
+from agent.nbdkit import (
+    ExportSpec,
+    FilterSpec,
+    build_argv,
+    check_export,
+    check_secrets,
+    check_socket_path,
+)
 from agent.protocol import AddArgs, RemoveArgs, RestartArgs
 from agent.qmp import QmpConnection
 from agent.supervisor import ProcState, Supervisor
@@ -93,6 +101,7 @@ class Disk:
             "restarts": sup.restarts,
             "last_exit": sup.last_exit.to_wire() if sup.last_exit else None,
             "last_error": sup.last_error,
+            "sandbox": sup.plan.layers,
         }
 
 
@@ -102,9 +111,10 @@ Subscriber = Callable[[dict[str, Any]], None]
 class Daemon:
     """The agent's state and operations on one QEMU."""
 
-    def __init__(self, config: Config, qmp: QmpConnection) -> None:
+    def __init__(self, config: Config, qmp: QmpConnection, host: sandbox.Host) -> None:
         self.config = config
         self.qmp = qmp
+        self.host = host
         self.hotplug = Hotplug(qmp)
         self.disks: dict[str, Disk] = {}
         self.subscribers: set[Subscriber] = set()
@@ -150,7 +160,7 @@ class Daemon:
 
     async def op_add(self, args: AddArgs) -> dict[str, Any]:
         """Start nbdkit, then blockdev-add and device_add.  Undo all on failure."""
-        disk_id = args.disk or f"disk-{secrets.token_hex(4)}"
+        disk_id = args.disk or f"disk-{token_hex(4)}"
         spec = ExportSpec(
             plugin=args.plugin,
             params=dict(args.params),
@@ -159,12 +169,27 @@ class Daemon:
             readonly=args.readonly,
         )
         check_export(spec, self.config)
+        check_secrets(spec, args.secrets)
+        policy = self.config.sandbox
+        params, binds = sandbox.host_paths(spec.plugin, spec.params, spec.readonly,
+                                           policy.file_dirs)
+        if spec.plugin == "curl":
+            # file://, ftp://, ... are not disks from the network.
+            params.setdefault("protocols", "http,https")
+        if spec.plugin == "file":
+            for path, writable in binds.items():
+                sandbox.check_access(path, self.host.user, writable)
+        spec = dataclasses.replace(spec, params=params)
         sock = self.config.runtime_dir / f"{disk_id}.sock"
         check_socket_path(sock)
         if disk_id in self.disks:
             raise Exists(f"disk {disk_id!r} exists", disk=disk_id)
-        sup = Supervisor(disk_id, sock, build_argv(self.config.nbdkit, spec), self.config,
-                         lambda name, **kw: self.emit(name, disk_id, **kw))
+        plan = sandbox.plan(self.host, policy, spec.plugin, binds)
+        argv = build_argv(self.config.nbdkit, spec, filters=plan.filters,
+                          filter_params=plan.filter_params)
+        sup = Supervisor(disk_id, sock, argv, self.config,
+                         lambda name, **kw: self.emit(name, disk_id, **kw),
+                         plan=plan, secrets=args.secrets)
         disk = Disk(disk_id, spec, args, sup)
         self.disks[disk_id] = disk
         with structlog.contextvars.bound_contextvars(disk=disk_id):

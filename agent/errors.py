@@ -13,6 +13,8 @@ AgentError                      (abstract root)
  +-- PluginNotAllowed           plugin-not-allowed
  +-- FilterNotAllowed           filter-not-allowed
  +-- ParamNotAllowed            param-not-allowed
+ +-- PathNotAllowed             path-not-allowed
+ +-- PermissionDenied           permission-denied
  +-- NbdkitFailed               nbdkit-failed      (carries the stderr tail)
  +-- NoFreeSlot                 no-free-slot
  +-- UnplugTimeout              unplug-timeout
@@ -83,6 +85,14 @@ class FilterNotAllowed(AgentError):
 
 class ParamNotAllowed(AgentError):
     code = "param-not-allowed"
+
+
+class PathNotAllowed(AgentError):
+    code = "path-not-allowed"
+
+
+class PermissionDenied(AgentError):
+    code = "permission-denied"
 
 
 class NbdkitFailed(AgentError):

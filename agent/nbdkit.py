@@ -15,6 +15,7 @@ Two jobs, both about never letting a client's words become something else:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import trio
 
-from agent.config import DENIED_PARAMS, Config
+from agent.config import DENIED_PARAMS, SECRET_PARAMS, Config
 from agent.errors import BadRequest, FilterNotAllowed, ParamNotAllowed, PluginNotAllowed
+from agent.sandbox import Plan
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
@@ -101,13 +103,36 @@ def check_export(spec: ExportSpec, config: Config) -> None:
         raise BadRequest(f"at most {MAX_PARAMS} parameters in all")
 
 
-def build_argv(nbdkit: str, spec: ExportSpec) -> list[str]:
-    """The nbdkit command line for a checked spec (no socket options: fd 3)."""
+def check_secrets(spec: ExportSpec, secrets: Mapping[str, str]) -> None:
+    """Refuse secrets the plugin cannot take through a descriptor.
+
+    Messages name keys, never values.  Raises ParamNotAllowed, BadRequest.
+    """
+    allowed = SECRET_PARAMS.get(spec.plugin, frozenset())
+    for key, value in secrets.items():
+        if key not in allowed:
+            raise ParamNotAllowed(f"secret {key!r} is not supported by plugin "
+                                  f"{spec.plugin!r} (supported: "
+                                  f"{', '.join(sorted(allowed)) or 'none'})", param=key)
+        if key in spec.params:
+            raise BadRequest(f"{key!r} is given both as a parameter and a secret")
+        if not value or len(value) > MAX_VALUE or "\0" in value:
+            raise BadRequest(f"secret {key!r} must be 1 to {MAX_VALUE} characters, no NUL")
+
+
+def build_argv(nbdkit: str, spec: ExportSpec, *, filters: list[str] | None = None,
+               filter_params: list[str] | None = None) -> list[str]:
+    """The nbdkit command line for a checked spec (no socket options: fd 3).
+
+    ``filters``/``filter_params`` are the agent's own (the ip filter), put
+    outermost.  Secrets are not here: ``spawn`` adds them as ``key=-FD``.
+    """
     argv = [nbdkit, "--foreground"]
     if spec.readonly:
         argv.append("--readonly")
+    argv += [f"--filter={name}" for name in (filters or [])]
     argv += [f"--filter={flt.name}" for flt in spec.filters]
-    argv += ["--", spec.plugin]
+    argv += ["--", spec.plugin, *(filter_params or [])]
     for flt in spec.filters:
         argv += [f"{k}={v}" for k, v in flt.params.items()]
     argv += [f"{k}={v}" for k, v in spec.params.items()]
@@ -146,26 +171,36 @@ def _child_env() -> dict[str, str]:
     return {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
 
 
-# The keeper: a bash that starts nbdkit as its own child and waits for it.
+# The keeper is nbdkit's parent for nbdkit's whole life.
 #
 # nbdkit (seen with Debian's 1.32.5, strace) calls prctl(PR_SET_PDEATHSIG,
 # SIGTERM) at start-up, unasked: it dies when the *thread* that forked it
-# exits.  trio forks from a worker thread that exits after 10 s idle, and the
-# agent itself may exit while its disks should keep serving; a keeper
-# process, which sets no death signal, is that parent instead.  The
-# keeper moves the listener to fd 3, sets LISTEN_PID to nbdkit's own pid
-# ($BASHPID of the subshell that execs it), reports that pid on stdout,
-# ignores terminal signals, and exits with nbdkit's status (128+N for
-# signal N).
-_KEEPER = r"""
+# exits.  trio forks from worker threads that exit after 10 s idle, and the
+# agent itself may exit while its disks should keep serving; a keeper, which
+# sets no death signal, is that parent instead.  With bubblewrap the keeper
+# is bwrap's monitor process (it reports nbdkit's pid on --json-status-fd);
+# without, a small bash that reports the same JSON line.  Either exits with
+# nbdkit's status (128+N for signal N).
+#
+# In the sandbox, the start-up shell moves the listener to fd 3, applies the
+# resource limits and execs nbdkit with LISTEN_PID set to its own pid ($$:
+# exec keeps it), after setpriv has dropped privileges (exec, same pid).
+_START = r"""
 if [ "$NBDHP_FD" != 3 ]; then exec 3<&"$NBDHP_FD"; eval "exec $NBDHP_FD<&-"; fi
-unset NBDHP_FD
-( LISTEN_PID=$BASHPID LISTEN_FDS=1 exec "$@" ) </dev/null >/dev/null &
+eval "exec $NBDHP_STATUS>&-"
+unset NBDHP_FD NBDHP_STATUS
+{limits}
+LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"
+"""
+
+_BASH_KEEPER = r"""
+bash -c "$NBDHP_START" nbdkit "$@" </dev/null >/dev/null &
 pid=$!
-exec 3<&-
+eval "exec $NBDHP_FD<&-"
 trap '' INT HUP TERM QUIT
-echo "$pid"
-exec >&-
+printf '{"child-pid": %d}\n' "$pid" >&"$NBDHP_STATUS"
+eval "exec $NBDHP_STATUS>&-"
+unset NBDHP_START
 wait "$pid"
 exit $?
 """
@@ -174,9 +209,13 @@ exit $?
 class NbdkitProcess:
     """A running nbdkit (signalled through a pidfd) and its keeper (reaped)."""
 
-    def __init__(self, keeper: trio.Process, pid: int) -> None:
+    def __init__(self, keeper: trio.Process, pid: int,
+                 status: trio.lowlevel.FdStream | None = None) -> None:
         self.keeper = keeper
         self.pid = pid
+        # bwrap writes nbdkit's exit code there at the end: keep it open
+        # (closing it would SIGPIPE the keeper).
+        self._status = status
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -214,36 +253,94 @@ class NbdkitProcess:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        if self._status is not None:
+            self._status.close()
+            self._status = None
 
 
-async def spawn(argv: list[str], listener: socket.socket, stderr_fd: int) -> NbdkitProcess:
-    """Start nbdkit with ``listener`` as its activated socket (fd 3).
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
-    stdin and stdout are /dev/null (nbdkit exits if they are closed); stderr
-    goes to ``stderr_fd``.  The keeper gets its own session, so a terminal's
-    Ctrl-C reaches only the agent.  The caller must ``wait()`` for the
-    result.  Raises OSError if the keeper cannot start.
+
+def _pipe_with(data: bytes) -> int:
+    """A pipe already holding ``data`` (small: it must fit the pipe buffer); the read end."""
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, data)
+    finally:
+        os.close(wfd)
+    return rfd
+
+
+async def _read_child_pid(stream: trio.lowlevel.FdStream) -> int:
+    buf = b""
+    while b"\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        buf += chunk
+    try:
+        return int(json.loads(buf.split(b"\n", 1)[0])["child-pid"])
+    except (ValueError, KeyError, TypeError):
+        raise OSError(f"nbdkit keeper did not report a pid (got {buf[:200]!r})") from None
+
+
+async def spawn(argv: list[str], listener: socket.socket, stderr_fd: int, plan: Plan,
+                secrets: Mapping[str, str]) -> NbdkitProcess:
+    """Start nbdkit, confined as ``plan`` says, on ``listener`` (fd 3).
+
+    Secrets reach nbdkit as ``key=-FD`` through pipes, never through argv or
+    the environment.  stdin and stdout are /dev/null; stderr goes to
+    ``stderr_fd``.  The keeper gets its own session, so a terminal's Ctrl-C
+    reaches only the agent.  The caller must ``wait()`` for the result.
+    Raises OSError if the keeper cannot start or does not report nbdkit's pid.
     """
     fd = listener.fileno()
-    keeper = await trio.lowlevel.open_process(
-        ["bash", "-c", _KEEPER, "nbdkit-keeper", *argv],
-        pass_fds=(fd,),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=stderr_fd,
-        env={**_child_env(), "NBDHP_FD": str(fd)},
-        start_new_session=True,
-    )
-    assert keeper.stdout is not None
-    out = b""
-    async with keeper.stdout:
-        while chunk := await keeper.stdout.receive_some(64):
-            out += chunk
+    # The start-up shell moves the listener to fd 3: no other descriptor
+    # passed down may have that number.
+    hold3 = None if fd == 3 or _is_open(3) else os.open(os.devnull, os.O_RDONLY)
+    opened: list[int] = []
+    status_r, status_w = os.pipe()
+    opened.append(status_w)
+    status = trio.lowlevel.FdStream(status_r)
     try:
-        pid = int(out)
-    except ValueError:
+        fds = {name: _pipe_with(data) for name, data in plan.pipes.items()}
+        opened += fds.values()
+        words = []
+        for key, value in secrets.items():
+            rfd = _pipe_with(value.encode())
+            opened.append(rfd)
+            words.append(f"{key}=-{rfd}")
+        fds["STATUS_FD"] = status_w
+        prefix = [str(fds[w]) if w in fds else w for w in plan.prefix]
+        env = {**_child_env(), "NBDHP_FD": str(fd), "NBDHP_STATUS": str(status_w),
+               "NBDHP_START": _START.format(limits=plan.shell)}
+        if plan.bwrap:
+            command = [*prefix, "bash", "-c", env["NBDHP_START"], "nbdkit", *argv, *words]
+        else:
+            command = ["bash", "-c", _BASH_KEEPER, "nbdkit-keeper", *prefix, *argv, *words]
+        keeper = await trio.lowlevel.open_process(
+            command, pass_fds=(fd, *opened), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=stderr_fd, env=env, start_new_session=True)
+    except BaseException:
+        status.close()
+        raise
+    finally:
+        for o in opened:
+            os.close(o)
+        if hold3 is not None:
+            os.close(hold3)
+    try:
+        with trio.fail_after(10):
+            pid = await _read_child_pid(status)
+    except (OSError, trio.TooSlowError):
         with trio.CancelScope(shield=True):
             keeper.kill()
             await keeper.wait()
-        raise OSError(f"nbdkit keeper did not report a pid (got {out!r})") from None
-    return NbdkitProcess(keeper, pid)
+        status.close()
+        raise OSError("nbdkit keeper did not report a pid") from None
+    return NbdkitProcess(keeper, pid, status)

@@ -59,6 +59,9 @@ class AddArgs(_Args, frozen=True):
     reconnect_delay: Annotated[int, msgspec.Meta(ge=0, le=3600)] | None = None
     werror: WError | None = None
     rerror: RError | None = None
+    #: parameters that must stay secret (curl password/proxy-password/cookie,
+    #: ssh password): passed through a pipe, never shown anywhere
+    secrets: dict[str, str] = {}
 
 
 class RemoveArgs(_Args, frozen=True):

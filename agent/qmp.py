@@ -15,6 +15,8 @@ channel.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,6 +64,8 @@ class QmpConnection:
         self.events = events
         self.timeout = timeout
         self.version = ""
+        #: uid of the QEMU process (SO_PEERCRED), None if unknown
+        self.peer_uid: int | None = None
         self.disconnected = trio.Event()
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, *,
@@ -109,14 +113,28 @@ async def open_qmp(path: Path, *, timeout: float = 30.0,
         client.events.event_filter = lambda _event: False
         send, recv = trio.open_memory_channel[dict[str, Any]](EVENT_BUFFER)
         client.register_listener(_Forwarder(send))
+        # Connect the socket here, to learn QEMU's uid (SO_PEERCRED), and hand
+        # it to qemu.qmp.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.setblocking(False)
             with trio.fail_after(timeout):
-                await trio_asyncio.aio_as_trio(client.connect)(str(path))
+                await trio.socket.from_stdlib_socket(sock).connect(str(path))
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            with trio.fail_after(timeout):
+                await trio_asyncio.aio_as_trio(client.connect)(sock)
+        except OSError as err:
+            sock.close()
+            raise StartupError(f"cannot attach to QMP at {path}: {err}") from err
         except ConnectError as err:
             raise StartupError(f"cannot attach to QMP at {path}: {err}") from err
         except trio.TooSlowError as err:
+            sock.close()
             raise StartupError(f"no QMP greeting from {path} within {timeout:g}s") from err
         conn = QmpConnection(client, recv, timeout)
+        conn.peer_uid = uid
+        log.debug("qmp-peer", pid=pid, uid=uid, gid=gid)
         try:
             greeting = client.greeting
             if greeting is None:

@@ -29,7 +29,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,11 @@ import trio
 from agent import nbd, nbdkit
 from agent.config import Config
 from agent.errors import InvalidState, NbdkitFailed
+from agent.sandbox import Plan
+
+#: No confinement at all (unit tests of the supervisor, debugging).
+UNCONFINED = Plan(prefix=[], shell="", filters=[], filter_params=[], pipes={}, bwrap=False,
+                  layers={})
 
 STDERR_TAIL = 4096
 
@@ -92,10 +97,15 @@ class Supervisor:
     """Keeps one disk's nbdkit serving on one socket."""
 
     def __init__(self, disk: str, socket_path: Path, argv: list[str], config: Config,
-                 emit: EmitFn, *, min_uptime: float | None = None) -> None:
+                 emit: EmitFn, *, plan: Plan | None = None,
+                 secrets: Mapping[str, str] | None = None,
+                 min_uptime: float | None = None) -> None:
         self.disk = disk
         self.socket_path = socket_path
         self.argv = argv
+        self.plan = plan if plan is not None else UNCONFINED
+        # Kept in memory only, to start each new incarnation with them.
+        self._secrets = dict(secrets or {})
         self.config = config
         self.policy = config.restart
         self.min_uptime = self.policy.min_uptime if min_uptime is None else min_uptime
@@ -218,7 +228,7 @@ class Supervisor:
         """Run one nbdkit until it exits; returns how it ended."""
         rfd, wfd = os.pipe()
         try:
-            proc = await nbdkit.spawn(self.argv, listener, wfd)
+            proc = await nbdkit.spawn(self.argv, listener, wfd, self.plan, self._secrets)
         except OSError as err:
             os.close(rfd)
             return ExitInfo(None, None, f"cannot execute nbdkit: {err}", "", time.time())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -190,12 +191,34 @@ class Agent:
             return await self.proc.wait()
 
 
-async def start_agent(nursery: trio.Nursery, qemu: Qemu, tmp: Path,
+def sandbox_user() -> tuple[int, int]:
+    """The uid/gid the agent (as root) runs nbdkit as."""
+    for name in ("nbd-hotplug", "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return pw.pw_uid, pw.pw_gid
+    raise AssertionError("no sandbox user")
+
+
+def make_image(path: Path, size: int = 8 << 20, fill: bytes = b"") -> Path:
+    """A disk image the sandboxed nbdkit may read and write."""
+    with path.open("wb") as f:
+        f.write(fill)
+        f.truncate(size)
+    if os.geteuid() == 0:
+        os.chown(path, *sandbox_user())
+    return path
+
+
+async def start_agent(nursery: trio.Nursery, qemu: Any, tmp: Path,
                       *extra: str) -> Agent:
+    """A real agent on ``qemu.qmp_path``; the file plugin may serve from ``tmp``."""
     control, runtime = tmp / "ctl.sock", tmp / "run"
     argv = [sys.executable, "-m", "agent", "serve", "--qmp", str(qemu.qmp_path),
             "--control", str(control), "--runtime-dir", str(runtime),
-            "--log-level", "debug", *extra]
+            "--file-dir", str(tmp), "--log-level", "debug", *extra]
     proc = await trio.lowlevel.open_process(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -23,6 +23,7 @@ from tests.conftest import (
     Qemu,
     backend,
     error_code,
+    make_image,
     node_names,
     ok,
     peripherals,
@@ -44,8 +45,7 @@ async def test_ping_reports_versions(ctl: ControlClient, monitor: QMPClient) -> 
 @pytest.mark.parametrize("driver", ["virtio-blk-pci", "scsi-hd"])
 async def test_file_disk_data_reaches_image(ctl: ControlClient, monitor: QMPClient, qemu: Qemu,
                                             short_tmp: Path, driver: str) -> None:
-    image = short_tmp / "disk.img"
-    image.write_bytes(b"\0" * (8 << 20))
+    image = make_image(short_tmp / "disk.img")
     res = ok(await ctl.call("add", disk="f1", plugin="file", params={"file": str(image)},
                             driver=driver))
     assert res["state"] == "running" and res["driver"] == driver
@@ -153,8 +153,20 @@ async def test_every_error_code(ctl: ControlClient, agent: Agent, monitor: QMPCl
                                      filters=["log"])) == "filter-not-allowed"
     assert error_code(await ctl.call("add", plugin="nbd", params={"command": "id"})) \
         == "param-not-allowed"
-    err = (await ctl.call("add", plugin="file", params={"file": "/nonexistent/x"}))["error"]
-    assert err["code"] == "nbdkit-failed" and "/nonexistent/x" in err["message"]
+    missing = short_tmp / "missing.img"
+    err = (await ctl.call("add", plugin="file", params={"file": str(missing)}))["error"]
+    assert err["code"] == "nbdkit-failed" and str(missing) in err["message"]
+    assert error_code(await ctl.call("add", plugin="file", params={"file": "/etc/shadow"})) \
+        == "path-not-allowed"
+    assert error_code(await ctl.call("add", plugin="file",
+                                     params={"file": f"{short_tmp}/../../etc/shadow"})) \
+        == "path-not-allowed"
+    if os.geteuid() == 0:
+        private = short_tmp / "private.img"
+        private.write_bytes(b"\0" * 4096)
+        private.chmod(0o600)  # root's, not the sandbox user's
+        assert error_code(await ctl.call("add", plugin="file",
+                                         params={"file": str(private)})) == "permission-denied"
 
     ok(await ctl.call("add", disk="dup", plugin="memory", params={"size": "1M"},
                       driver="scsi-hd"))

@@ -16,7 +16,16 @@ import trio
 
 from agent.client import ControlClient, open_control
 from contrib.guest.qmp import QMPClient
-from tests.conftest import Agent, Qemu, backend, node_names, ok, qemu_io, start_agent
+from tests.conftest import (
+    Agent,
+    Qemu,
+    backend,
+    make_image,
+    node_names,
+    ok,
+    qemu_io,
+    start_agent,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,10 +38,7 @@ min_uptime = 0.0
 
 
 def _image(tmp: Path, name: str = "disk.img", size: int = 8 << 20) -> Path:
-    path = tmp / name
-    with path.open("wb") as f:
-        f.truncate(size)
-    return path
+    return make_image(tmp / name, size)
 
 
 async def _event(ctl: ControlClient, name: str, timeout: float = 20) -> dict[str, object]:
