@@ -50,7 +50,7 @@ async def serve(config: Config) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         sock = None
         try:
-            sock = bind_control_socket(config.control_path)
+            sock = bind_control_socket(config.control_path, config)
             check_runtime_dir(config.runtime_dir)
             async with open_qmp(config.qmp_path, timeout=config.qmp_timeout) as qmp:
                 log.info("qmp-attached", qmp=str(config.qmp_path), qemu=qmp.version,

@@ -112,6 +112,10 @@ class Config:
     max_inflight: int = 16
     #: control connections served at once
     max_connections: int = 64
+    #: besides the agent's own uid and root: uids and gids (primary or
+    #: supplementary) whose processes may use the control socket (SO_PEERCRED)
+    allowed_uids: frozenset[int] = frozenset()
+    allowed_gids: frozenset[int] = frozenset()
     log_level: str = "info"
 
 
@@ -147,7 +151,7 @@ def load_config(path: Path | None, **overrides: Any) -> Config:
         if "run_as" in values:
             box["run_as"] = values.pop("run_as")
         values["sandbox"] = Policy(**box)
-        for key in ("allowed_plugins", "allowed_filters"):
+        for key in ("allowed_plugins", "allowed_filters", "allowed_uids", "allowed_gids"):
             if key in values:
                 values[key] = frozenset(values[key])
         for key in ("qmp_path", "control_path", "runtime_dir"):

@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import trio
 from agent import protocol
 from agent.config import Config
 from agent.daemon import Daemon
-from agent.errors import AgentError, Busy, StartupError
+from agent.errors import AgentError, Busy, PermissionDenied, StartupError
 from agent.nbdkit import check_socket_path
 
 log = structlog.get_logger()
@@ -56,8 +57,38 @@ def _prepare_path(path: Path) -> None:
         probe.close()
 
 
-def bind_control_socket(path: Path) -> trio.socket.SocketType:
-    """Bind and listen on the control socket (mode 0600).
+def peer_credentials(stream: trio.SocketStream) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                   struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _groups_of(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+def peer_allowed(config: Config, pid: int, uid: int, gid: int) -> bool:
+    """The agent's own uid, root, and the configured uids and groups."""
+    if uid in (0, os.geteuid()) or uid in config.allowed_uids:
+        return True
+    if not config.allowed_gids:
+        return False
+    return bool(({gid} | _groups_of(pid)) & config.allowed_gids)
+
+
+def bind_control_socket(path: Path, config: Config | None = None) -> trio.socket.SocketType:
+    """Bind and listen on the control socket.
+
+    Mode 0600, or 0666 when other uids or groups are allowed: then every
+    connection is checked with SO_PEERCRED (``peer_allowed``).
 
     Raises StartupError if the path is too long, in use by a live agent, or
     cannot be bound.  A stale socket file is replaced.
@@ -75,6 +106,8 @@ def bind_control_socket(path: Path) -> trio.socket.SocketType:
         finally:
             os.umask(old)
         sock.listen(128)
+        if config is not None and (config.allowed_uids or config.allowed_gids):
+            path.chmod(0o666)
     except OSError as err:
         sock.close()
         raise StartupError(f"cannot listen on {path}: {err}") from err
@@ -202,6 +235,13 @@ class ControlServer:
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         async with stream:
+            pid, uid, gid = peer_credentials(stream)
+            if not peer_allowed(self.config, pid, uid, gid):
+                log.warning("control-peer-refused", peer_pid=pid, peer_uid=uid, peer_gid=gid)
+                denied = PermissionDenied(f"uid {uid} may not use this agent")
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(protocol.error_reply(None, denied))
+                return
             if self.connections >= self.config.max_connections:
                 err = Busy(f"too many control connections (max {self.config.max_connections})")
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

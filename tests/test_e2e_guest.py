@@ -18,7 +18,7 @@ import hashlib
 import os
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +41,7 @@ from contrib.guestio import (
     wait_new_block_device,
     write_read_verify,
 )
+from contrib.lab import EventLog
 from tests.conftest import Agent, Qemu, node_names, ok, peripherals, start_agent
 
 pytestmark = pytest.mark.e2e
@@ -64,34 +65,15 @@ class Lab:
     vm: GuestVM
     agent: Agent
     ctl: ControlClient
+    events: EventLog
     monitor: QMPClient
     tmp: Path
-    #: every event received so far, in order
-    events: list[dict[str, Any]] = field(default_factory=list)
-    _taken: set[int] = field(default_factory=set)
-    _changed: trio.Event = field(default_factory=trio.Event)
 
-    async def pump_events(self) -> None:
-        """Collect the control connection's events until it closes."""
-        async for ev in self.ctl.events():
-            self.events.append(ev)
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_event(self, name: str, timeout: float = 20,
-                         **match: Any) -> dict[str, Any]:
-        """The oldest event ``name`` with fields ``match`` not returned before."""
-        with trio.fail_after(timeout):
-            while True:
-                for i, ev in enumerate(self.events):
-                    if i not in self._taken and _matches(ev, name, match):
-                        self._taken.add(i)
-                        return ev
-                await self._changed.wait()
+    async def wait_event(self, name: str, timeout: float = 20, **match: Any) -> dict[str, Any]:
+        return await self.events.wait(name, timeout, **match)
 
     def count(self, name: str, **match: Any) -> int:
-        """How many events ``name`` with fields ``match`` were received so far."""
-        return sum(1 for ev in self.events if _matches(ev, name, match))
+        return self.events.count(name, **match)
 
     async def add(self, disk: str, image: Path, **fields: Any) -> tuple[dict[str, Any], str]:
         """``add`` a file-plugin disk; returns the agent's result and the guest's device."""
@@ -105,10 +87,6 @@ class Lab:
         entries: list[dict[str, Any]] = ok(await self.ctl.call("list"))["disks"]
         [entry] = [d for d in entries if d["disk"] == disk]
         return entry
-
-
-def _matches(ev: dict[str, Any], name: str, match: dict[str, Any]) -> bool:
-    return ev["event"] == name and all(ev.get(k) == v for k, v in match.items())
 
 
 def make_image(path: Path, size: int, *, random: bool = False) -> Path:
@@ -146,9 +124,9 @@ async def lab(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Lab]:
         try:
             async with open_control(agent.control) as ctl, open_qmp(vm.test_qmp_path) as mon:
                 assert ok(await ctl.call("subscribe")) == {"subscribed": True}
-                lab = Lab(vm, agent, ctl, mon, short_tmp)
-                nursery.start_soon(lab.pump_events)
-                yield lab
+                events = EventLog(ctl)
+                nursery.start_soon(events.pump)
+                yield Lab(vm, agent, ctl, events, mon, short_tmp)
         finally:
             leftovers = agent.descendants()
     # QEMU is gone: the agent stops every nbdkit it still has and exits (3).
@@ -342,10 +320,12 @@ async def test_werror_stop_pauses_and_agent_resumes(lab: Lab) -> None:
         try:
             await vm.check("true", timeout=timeout)
         except GuestCommandTimeout:
-            # AGENT-BUG: an io-error that QEMU reports after the agent's
-            # `cont` (or after disk-recovered) is never followed by another
-            # resume: the VM stays paused.  Resume it here so that the test
-            # can go on; test_werror_stop_resumes_after_late_io_error is the bug.
+            # AGENT-BUG: the agent resumes the VM once per recovery.  Its
+            # `cont` can come before QEMU's own NBD client has reconnected
+            # (reconnect_delay 0: QEMU reconnects lazily, without waiting);
+            # the retried request then fails again, QEMU pauses the VM again
+            # and nobody resumes it (seen about once in 30 kills).  Resume it
+            # here so that the test can go on, and count it.
             assert await _vm_status(mon) == "io-error"
             stuck += 1
             await mon.execute("cont")
