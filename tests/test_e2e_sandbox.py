@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from agent import sandbox
 from agent.client import ControlClient
-from tests.conftest import Agent, error_code, make_image, ok, sandbox_user
+from tests.conftest import Agent, error_code, make_image, ok, sandbox_user, start_agent
 
 pytestmark = pytest.mark.e2e
 ROOT = os.geteuid() == 0
@@ -263,7 +263,7 @@ class _AuthRangeHandler(BaseHTTPRequestHandler):
 
     data = b""
     expected_auth = ""
-    seen_auth: list[str] = []
+    seen_auth: ClassVar[list[str]] = []
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -371,8 +371,6 @@ _PING = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv
                     reason="needs root to act as other uids")
 async def test_control_socket_checks_peer_uid(qemu: Any, short_tmp: Path,
                                               nursery: trio.Nursery) -> None:
-    from tests.conftest import start_agent
-
     cfg = short_tmp / "agent.toml"
     cfg.write_text("allowed_uids = [4242]\n")
     short_tmp.chmod(0o755)
