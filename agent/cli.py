@@ -65,9 +65,9 @@ async def serve(config: Config) -> int:
                     log.info("agent-ready", control=str(config.control_path),
                              runtime_dir=str(config.runtime_dir), version=__version__)
                     async for signum in signals:
+                        left = daemon.detach_all()
                         log.info("agent-stopping", signal=signal.Signals(signum).name,
-                                 disks_left_attached=sorted(daemon.disks))
-                        daemon.detach_all()
+                                 disks_left_attached=sorted(left))
                         nursery.cancel_scope.cancel()
                         break
         except* StartupError as group:

@@ -145,10 +145,19 @@ class Daemon:
         finally:
             self._nursery = None
 
-    def detach_all(self) -> None:
-        """On agent exit: leave every nbdkit serving, unsupervised."""
+    def detach_all(self) -> list[str]:
+        """On agent exit: leave the nbdkit of every disk in QEMU serving, unsupervised.
+
+        A disk still being added is rolled back instead (its request is
+        cancelled), and one whose device is gone is stopped.  Returns the
+        ids of the disks left attached.
+        """
+        left = []
         for disk in self.disks.values():
-            disk.supervisor.detach = True
+            if disk.phase is not Phase.ADDING and not disk.device_gone.is_set():
+                disk.supervisor.detach = True
+                left.append(disk.id)
+        return left
 
     # -- ops ------------------------------------------------------------------
 
@@ -187,9 +196,14 @@ class Daemon:
         plan = sandbox.plan(self.host, policy, spec.plugin, binds)
         argv = build_argv(self.config.nbdkit, spec, filters=plan.filters,
                           filter_params=plan.filter_params)
+        standin_plan = sandbox.plan(self.host, policy, "null", {})
+        # QEMU refuses to reconnect a writable node to a read-only export.
+        standin = (build_argv(self.config.nbdkit, ExportSpec("null", readonly=spec.readonly),
+                              filters=standin_plan.filters,
+                              filter_params=standin_plan.filter_params), standin_plan)
         sup = Supervisor(disk_id, sock, argv, self.config,
                          lambda name, **kw: self.emit(name, disk_id, **kw),
-                         plan=plan, secrets=args.secrets)
+                         plan=plan, secrets=args.secrets, standin=standin)
         disk = Disk(disk_id, spec, args, sup)
         self.disks[disk_id] = disk
         with structlog.contextvars.bound_contextvars(disk=disk_id):
@@ -259,7 +273,7 @@ class Daemon:
             disk.stopped.set()
 
     async def _stop_disk(self, disk: Disk) -> None:
-        """Stop nbdkit (reaped, socket removed) and forget the disk."""
+        """Stop nbdkit (reaped, socket closed and removed) and forget the disk."""
         disk.scope.cancel()
         if disk.task_started:
             await disk.stopped.wait()
@@ -279,7 +293,8 @@ class Daemon:
                         f"the guest did not release {att.device} within "
                         f"{self.config.unplug_timeout:g}s; the disk stays 'removing', "
                         f"retry remove", disk=disk.id)
-        await self.hotplug.delete_node(att.node)
+        async with disk.supervisor.standin():
+            await self.hotplug.delete_node(att.node)
 
     async def _pump_qmp_events(self) -> None:
         async for ev in self.qmp.events:

@@ -256,7 +256,7 @@ def _bind_args(paths: Mapping[str, bool]) -> list[str]:
             continue
         args += ["--bind" if writable else "--ro-bind", path, path]
         parent = os.path.dirname(path)
-        while parent not in ("/", "") and not (parent + "/").startswith(_ALWAYS_VISIBLE):
+        while parent not in ("/", "/tmp", "") and not (parent + "/").startswith(_ALWAYS_VISIBLE):
             parents.add(parent)
             parent = os.path.dirname(parent)
     for parent in sorted(parents):
@@ -296,7 +296,7 @@ def plan(host: Host, policy: Policy, plugin: str, paths: Mapping[str, bool]) -> 
         prefix = [host.bwrap, "--ro-bind", "/usr", "/usr", *_root_links(),
                   "--ro-bind", "/etc", "/etc",
                   "--ro-bind-try", "/run/systemd/resolve", "/run/systemd/resolve",
-                  "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                  "--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--tmpfs", "/tmp",
                   *_bind_args(paths),
                   "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--new-session",
                   *([] if network else ["--unshare-net"]),

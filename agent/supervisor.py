@@ -29,7 +29,8 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class Supervisor:
     def __init__(self, disk: str, socket_path: Path, argv: list[str], config: Config,
                  emit: EmitFn, *, plan: Plan | None = None,
                  secrets: Mapping[str, str] | None = None,
+                 standin: tuple[list[str], Plan] | None = None,
                  min_uptime: float | None = None) -> None:
         self.disk = disk
         self.socket_path = socket_path
@@ -106,6 +108,9 @@ class Supervisor:
         self.plan = plan if plan is not None else UNCONFINED
         # Kept in memory only, to start each new incarnation with them.
         self._secrets = dict(secrets or {})
+        # argv (without the size) and plan of an empty export; see standin()
+        self._standin = standin
+        self._listener: socket.socket | None = None
         self.config = config
         self.policy = config.restart
         self.min_uptime = self.policy.min_uptime if min_uptime is None else min_uptime
@@ -148,14 +153,47 @@ class Supervisor:
         except OSError as err:
             raise NbdkitFailed(f"cannot listen on {self.socket_path}: {err}",
                                disk=self.disk) from err
+        self._listener = listener
         try:
             await self._supervise(listener, task_status)
         finally:
+            self._listener = None
             listener.close()
             if not self.detach:
                 self.socket_path.unlink(missing_ok=True)
                 self.state = ProcState.STOPPED
                 self.pid = None
+
+    @asynccontextmanager
+    async def standin(self) -> AsyncIterator[None]:
+        """While the block, serve an empty export of the same size if nbdkit is down.
+
+        QEMU's ``blockdev-del`` of an nbd node whose server is gone blocks
+        QMP for the whole reconnect-delay (QEMU 7.2, measured: 30 s).  Its
+        pending reconnect sits in our listen backlog, so a stand-in that
+        answers lets it complete at once; the device is already gone, so
+        no guest I/O reaches the stand-in.  Does nothing while nbdkit runs.
+        """
+        if (self.state is ProcState.RUNNING or self._listener is None or self.size is None
+                or self._standin is None):
+            yield
+            return
+        argv, plan = self._standin
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            proc = await nbdkit.spawn([*argv, f"size={self.size}"], self._listener, devnull,
+                                      plan, {})
+        finally:
+            os.close(devnull)
+        self._log.info("nbdkit-standin", pid=proc.pid)
+        try:
+            with trio.move_on_after(self.config.ready_timeout):
+                await nbd.probe_export(self.socket_path)
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._terminate(proc)
+            proc.close()
 
     # -- internals ----------------------------------------------------------
 

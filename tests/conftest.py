@@ -7,6 +7,7 @@ Readiness is awaited on real conditions (QMP accepting, the agent's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,11 @@ class Agent:
 
     def descendants(self) -> set[int]:
         """Pids of every live process below the agent (keepers and nbdkits)."""
+        return self.descendants_of({self.proc.pid})
+
+    @staticmethod
+    def descendants_of(roots: set[int]) -> set[int]:
+        """Pids of every live process below ``roots``."""
         children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -177,7 +183,7 @@ class Agent:
                 continue
             children.setdefault(int(fields[1]), []).append(int(entry.name))
         out: set[int] = set()
-        todo = [self.proc.pid]
+        todo = list(roots)
         while todo:
             for child in children.get(todo.pop(), []):
                 out.add(child)
@@ -227,16 +233,55 @@ async def start_agent(nursery: trio.Nursery, qemu: Any, tmp: Path,
     return agent
 
 
-@pytest.fixture
-async def agent(qemu: Qemu, short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Agent]:
-    agent = await start_agent(nursery, qemu, short_tmp, "--health-interval", "1")
+async def reap_agent(agent: Agent) -> None:
+    """Stop the agent and everything it left running (keepers, nbdkit).
+
+    An agent that exits on SIGTERM leaves attached disks serving, by design;
+    a test must not leave them behind.
+    """
+    left = agent.descendants()
+    if agent.proc.returncode is None:
+        agent.proc.kill()
+    await agent.proc.wait()
+    left |= agent.descendants_of(left)
+    pidfds = []
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            pidfds.append(os.pidfd_open(pid))
+            os.kill(pid, signal.SIGKILL)
     try:
-        yield agent
+        with trio.move_on_after(10):
+            for fd in pidfds:  # readable once that process has exited
+                await trio.lowlevel.wait_readable(fd)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+
+
+SpawnAgent = Callable[..., Awaitable[Agent]]
+
+
+@pytest.fixture
+async def spawn_agent(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[SpawnAgent]:
+    """``await spawn_agent(qemu_like, *extra_args)``; every agent is reaped at the end."""
+    started: list[Agent] = []
+
+    async def spawn(qemu: Any, *extra: str) -> Agent:
+        agent = await start_agent(nursery, qemu, short_tmp, *extra)
+        started.append(agent)
+        return agent
+
+    try:
+        yield spawn
     finally:
         with trio.CancelScope(shield=True):
-            if agent.proc.returncode is None:
-                agent.proc.kill()
-            await agent.proc.wait()
+            for agent in started:
+                await reap_agent(agent)
+
+
+@pytest.fixture
+async def agent(qemu: Qemu, spawn_agent: SpawnAgent) -> Agent:
+    return await spawn_agent(qemu, "--health-interval", "1")
 
 
 @pytest.fixture

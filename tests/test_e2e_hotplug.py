@@ -21,6 +21,7 @@ from contrib.guest.qmp import QMPClient
 from tests.conftest import (
     Agent,
     Qemu,
+    SpawnAgent,
     backend,
     error_code,
     make_image,
@@ -28,7 +29,6 @@ from tests.conftest import (
     ok,
     peripherals,
     qemu_io,
-    start_agent,
 )
 
 pytestmark = pytest.mark.e2e
@@ -109,9 +109,9 @@ async def test_remove_leaves_nothing(agent: Agent, ctl: ControlClient, monitor: 
 
 
 async def test_virtio_unplug_timeout_keeps_disk_removing(
-        qemu: Qemu, short_tmp: Path, nursery: trio.Nursery, monitor: QMPClient) -> None:
+        qemu: Qemu, short_tmp: Path, spawn_agent: SpawnAgent, monitor: QMPClient) -> None:
     # No guest OS: nobody answers the PCIe unplug request.
-    agent = await start_agent(nursery, qemu, short_tmp, "--unplug-timeout", "0.5")
+    agent = await spawn_agent(qemu, "--unplug-timeout", "0.5")
     try:
         async with open_control(agent.control) as ctl:
             ok(await ctl.call("add", disk="v1", plugin="memory", params={"size": "8M"}))
@@ -255,9 +255,9 @@ async def test_concurrent_clients(agent: Agent, monitor: QMPClient) -> None:
 
 
 async def test_sigterm_exits_zero_and_leaves_disks(qemu: Qemu, short_tmp: Path,
-                                                  nursery: trio.Nursery,
+                                                  spawn_agent: SpawnAgent,
                                                   monitor: QMPClient) -> None:
-    agent = await start_agent(nursery, qemu, short_tmp)
+    agent = await spawn_agent(qemu)
     async with open_control(agent.control) as ctl:
         res = ok(await ctl.call("add", disk="stay", plugin="memory", params={"size": "4M"},
                                 driver="scsi-hd"))
@@ -267,6 +267,9 @@ async def test_sigterm_exits_zero_and_leaves_disks(qemu: Qemu, short_tmp: Path,
     assert "nbdhp-stay" in await node_names(monitor)
     assert Path(f"/proc/{res['pid']}").exists()
     assert "read 4096/4096" in await qemu_io(qemu, monitor, res["device"], "read 0 4k")
+    await monitor.execute("device_del", {"id": res["device"]})
+    await monitor.wait_event("DEVICE_DELETED", match={"device": res["device"]})
+    await monitor.execute("blockdev-del", {"node-name": res["node"]})
     os.kill(res["pid"], 9)
 
 
@@ -282,12 +285,12 @@ async def test_refuses_live_control_socket(agent: Agent, qemu: Qemu) -> None:
 
 
 async def test_replaces_stale_control_socket_and_rejects_bad_qmp(
-        qemu: Qemu, short_tmp: Path, nursery: trio.Nursery) -> None:
+        qemu: Qemu, short_tmp: Path, spawn_agent: SpawnAgent) -> None:
     stale = short_tmp / "ctl.sock"
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(stale))
     sock.close()  # the file stays, nobody listens: stale
-    agent = await start_agent(nursery, qemu, short_tmp)
+    agent = await spawn_agent(qemu)
     assert oct(agent.control.stat().st_mode & 0o777) == "0o600"
     assert oct(agent.runtime_dir.stat().st_mode & 0o777) == "0o700"
     assert ok(await _ping(agent))

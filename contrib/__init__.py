@@ -1,0 +1,1 @@
+"""Tools around nbd-hotplug that are not the agent: test guest, demo, benchmarks."""

@@ -1,0 +1,1 @@
+"""Benchmarks of the data path (see README.md here)."""
