@@ -169,6 +169,65 @@ class Daemon:
 
     async def op_add(self, args: AddArgs) -> dict[str, Any]:
         """Start nbdkit, then blockdev-add and device_add.  Undo all on failure."""
+        disk = self._new_disk(args)
+        disk_id, sock = disk.id, disk.supervisor.socket_path
+        self.disks[disk_id] = disk
+        with structlog.contextvars.bound_contextvars(disk=disk_id):
+            try:
+                async with disk.lock:
+                    assert self._nursery is not None
+                    pid = await self._nursery.start(self._run_disk, disk)
+                    disk.attachment = await self.hotplug.attach(
+                        disk=disk_id, socket=sock, readonly=args.readonly, driver=args.driver,
+                        reconnect_delay=(self.config.reconnect_delay
+                                         if args.reconnect_delay is None
+                                         else args.reconnect_delay),
+                        werror=args.werror, rerror=args.rerror)
+                    disk.phase = Phase.ATTACHED
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._stop_disk(disk)
+                raise
+            plugin = disk.spec.plugin
+            log.info("disk-added", pid=pid, plugin=plugin, node=disk.attachment.node,
+                     device=disk.attachment.device, bus=disk.attachment.bus)
+            self.emit("disk-added", disk_id, plugin=plugin, pid=pid,
+                      node=disk.attachment.node, device=disk.attachment.device)
+            return disk.to_wire()
+
+    async def op_remove(self, args: RemoveArgs) -> dict[str, Any]:
+        """device_del, wait for the guest, blockdev-del, stop nbdkit.
+
+        Raises UnplugTimeout if the guest does not release the device in
+        time: the disk stays listed as ``removing`` and a retry continues.
+        """
+        disk = self._get(args.disk)
+        if disk.lock.locked():
+            raise Busy(f"disk {disk.id!r} is {disk.state}; try again", disk=disk.id)
+        with structlog.contextvars.bound_contextvars(disk=disk.id):
+            async with disk.lock:
+                disk.phase = Phase.REMOVING
+                await self._unplug(disk)
+                await self._stop_disk(disk)
+            log.info("disk-removed")
+            self.emit("disk-removed", disk.id, reason="request")
+            return {"disk": disk.id}
+
+    async def op_restart(self, args: RestartArgs) -> dict[str, Any]:
+        disk = self._get(args.disk)
+        if disk.phase is not Phase.ATTACHED:
+            raise InvalidState(f"disk {disk.id!r} is {disk.state}", disk=disk.id)
+        disk.supervisor.request_restart()
+        return disk.to_wire()
+
+    # -- internals --------------------------------------------------------------
+
+    def _new_disk(self, args: AddArgs) -> Disk:
+        """Check an add request and build its disk (nothing started yet).
+
+        Raises the request's error: BadRequest, PluginNotAllowed, ...,
+        PathNotAllowed, PermissionDenied, Exists.
+        """
         disk_id = args.disk or f"disk-{token_hex(4)}"
         spec = ExportSpec(
             plugin=args.plugin,
@@ -204,56 +263,7 @@ class Daemon:
         sup = Supervisor(disk_id, sock, argv, self.config,
                          lambda name, **kw: self.emit(name, disk_id, **kw),
                          plan=plan, secrets=args.secrets, standin=standin)
-        disk = Disk(disk_id, spec, args, sup)
-        self.disks[disk_id] = disk
-        with structlog.contextvars.bound_contextvars(disk=disk_id):
-            try:
-                async with disk.lock:
-                    assert self._nursery is not None
-                    pid = await self._nursery.start(self._run_disk, disk)
-                    disk.attachment = await self.hotplug.attach(
-                        disk=disk_id, socket=sock, readonly=args.readonly, driver=args.driver,
-                        reconnect_delay=(self.config.reconnect_delay
-                                         if args.reconnect_delay is None
-                                         else args.reconnect_delay),
-                        werror=args.werror, rerror=args.rerror)
-                    disk.phase = Phase.ATTACHED
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._stop_disk(disk)
-                raise
-            log.info("disk-added", pid=pid, plugin=spec.plugin, node=disk.attachment.node,
-                     device=disk.attachment.device, bus=disk.attachment.bus)
-            self.emit("disk-added", disk_id, plugin=spec.plugin, pid=pid,
-                      node=disk.attachment.node, device=disk.attachment.device)
-            return disk.to_wire()
-
-    async def op_remove(self, args: RemoveArgs) -> dict[str, Any]:
-        """device_del, wait for the guest, blockdev-del, stop nbdkit.
-
-        Raises UnplugTimeout if the guest does not release the device in
-        time: the disk stays listed as ``removing`` and a retry continues.
-        """
-        disk = self._get(args.disk)
-        if disk.lock.locked():
-            raise Busy(f"disk {disk.id!r} is {disk.state}; try again", disk=disk.id)
-        with structlog.contextvars.bound_contextvars(disk=disk.id):
-            async with disk.lock:
-                disk.phase = Phase.REMOVING
-                await self._unplug(disk)
-                await self._stop_disk(disk)
-            log.info("disk-removed")
-            self.emit("disk-removed", disk.id, reason="request")
-            return {"disk": disk.id}
-
-    async def op_restart(self, args: RestartArgs) -> dict[str, Any]:
-        disk = self._get(args.disk)
-        if disk.phase is not Phase.ATTACHED:
-            raise InvalidState(f"disk {disk.id!r} is {disk.state}", disk=disk.id)
-        disk.supervisor.request_restart()
-        return disk.to_wire()
-
-    # -- internals --------------------------------------------------------------
+        return Disk(disk_id, spec, args, sup)
 
     def _get(self, disk_id: str) -> Disk:
         try:

@@ -20,7 +20,7 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import trio
@@ -42,7 +42,7 @@ from contrib.guestio import (
     write_read_verify,
 )
 from contrib.lab import EventLog
-from tests.conftest import Agent, Qemu, node_names, ok, peripherals, start_agent
+from tests.conftest import Agent, make_image, node_names, ok, peripherals, start_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -89,13 +89,8 @@ class Lab:
         return entry
 
 
-def make_image(path: Path, size: int, *, random: bool = False) -> Path:
-    with path.open("wb") as f:
-        if random:
-            f.write(os.urandom(size))
-        else:
-            f.truncate(size)
-    return path
+def random_image(path: Path, size: int) -> Path:
+    return make_image(path, size, fill=os.urandom(size))
 
 
 def sha256_file(path: Path) -> str:
@@ -118,9 +113,7 @@ async def lab(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Lab]:
     leftovers: set[int] = set()
     async with open_guest_vm(image, short_tmp / "vm", boot_timeout=60) as vm:
         with trio.fail_after(30):
-            # start_agent only needs .qmp_path, which GuestVM has too.
-            agent = await start_agent(nursery, cast(Qemu, vm), short_tmp,
-                                      "--config", str(config))
+            agent = await start_agent(nursery, vm, short_tmp, "--config", str(config))
         try:
             async with open_control(agent.control) as ctl, open_qmp(vm.test_qmp_path) as mon:
                 assert ok(await ctl.call("subscribe")) == {"subscribed": True}
@@ -169,7 +162,7 @@ async def test_file_disks_carry_guest_data(lab: Lab) -> None:
             print(f"{driver}: /dev/{dev} shown {shown * 1000:.0f} ms after add")
 
         # A read-only disk: readable, writes fail in the guest, the image is unchanged.
-        ro_image = make_image(lab.tmp / "ro.img", 8 * MiB, random=True)
+        ro_image = random_image(lab.tmp / "ro.img", 8 * MiB)
         ro_sum = sha256_file(ro_image)
         res, ro_dev = await lab.add("ro", ro_image, readonly=True)
         assert res["readonly"] is True
