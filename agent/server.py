@@ -28,7 +28,7 @@ from agent import protocol
 from agent.config import Config
 from agent.daemon import Daemon
 from agent.errors import AgentError, Busy, PermissionDenied, StartupError
-from agent.nbdkit import check_socket_path
+from agent.nbdkit import check_socket_path, open_listener
 
 log = structlog.get_logger()
 
@@ -98,19 +98,12 @@ def bind_control_socket(path: Path, config: Config | None = None) -> trio.socket
     except AgentError as err:
         raise StartupError(err.message) from err
     _prepare_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(os.fspath(path))
-        finally:
-            os.umask(old)
-        sock.listen(128)
-        if config is not None and (config.allowed_uids or config.allowed_gids):
-            path.chmod(0o666)
+        sock = open_listener(path, backlog=128)
     except OSError as err:
-        sock.close()
         raise StartupError(f"cannot listen on {path}: {err}") from err
+    if config is not None and (config.allowed_uids or config.allowed_gids):
+        path.chmod(0o666)
     return trio.socket.from_stdlib_socket(sock)
 
 
