@@ -46,6 +46,9 @@ from agent.supervisor import ProcState, Supervisor
 
 log = structlog.get_logger()
 
+#: Delays (s) before each attempt to resume a VM paused by one of our disks.
+RESUME_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
 
 class QemuGone(Exception):
     """QEMU closed the QMP connection (it exited, or the monitor went away)."""
@@ -366,18 +369,30 @@ class Daemon:
                   action=data.get("action"), reason=data.get("reason"))
 
     async def _resume_vm(self, disk: Disk) -> None:
-        """After our disk recovered: resume a VM that QEMU paused because of it."""
+        """After our disk recovered: resume a VM that QEMU paused because of it.
+
+        QEMU's NBD client reconnects lazily: a ``cont`` that comes before it
+        has can see the retried request fail and the VM pause again.  So
+        while the VM is paused on an I/O error and the disk still runs, the
+        resume is retried after a growing delay, a bounded number of times.
+        """
         if not disk.paused_vm:
             return
         disk.paused_vm = False
         disk.resumed_at = disk.supervisor.restarts
         with structlog.contextvars.bound_contextvars(disk=disk.id):
             try:
-                status = await self.qmp.execute("query-status")
-                if status.get("status") == "io-error":
+                for attempt, delay in enumerate(RESUME_DELAYS, 1):
+                    await trio.sleep(delay)
+                    if disk.supervisor.state is not ProcState.RUNNING:
+                        return  # down again: its next recovery resumes
+                    status = await self.qmp.execute("query-status")
+                    if status.get("status") != "io-error":
+                        return
                     await self.qmp.execute("cont")
-                    log.info("vm-resumed")
-                    self.emit("vm-resumed", disk.id)
+                    log.info("vm-resumed", attempt=attempt)
+                    self.emit("vm-resumed", disk.id, attempt=attempt)
+                log.error("vm-resume-gave-up", attempts=len(RESUME_DELAYS))
             except AgentError as err:
                 log.error("vm-resume-failed", error=err.message, code=err.code)
 
