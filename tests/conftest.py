@@ -128,6 +128,7 @@ class Agent:
         self.control = control
         self.runtime_dir = runtime_dir
         self.logs: list[dict[str, Any]] = []
+        self.left_behind: set[int] = set()
         self._changed = trio.Event()
 
     async def _read_stderr(self, task_status: trio.TaskStatus[None]) -> None:
@@ -191,6 +192,9 @@ class Agent:
         return out
 
     async def stop(self) -> int:
+        """SIGTERM; returns the exit status.  What it leaves running is noted
+        (``left_behind``) for ``reap_agent``."""
+        self.left_behind |= self.descendants()
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
@@ -239,7 +243,7 @@ async def reap_agent(agent: Agent) -> None:
     An agent that exits on SIGTERM leaves attached disks serving, by design;
     a test must not leave them behind.
     """
-    left = agent.descendants()
+    left = agent.descendants() | agent.left_behind
     if agent.proc.returncode is None:
         agent.proc.kill()
     await agent.proc.wait()
