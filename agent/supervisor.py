@@ -100,8 +100,7 @@ class Supervisor:
     def __init__(self, disk: str, socket_path: Path, argv: list[str], config: Config,
                  emit: EmitFn, *, plan: Plan | None = None,
                  secrets: Mapping[str, str] | None = None,
-                 standin: tuple[list[str], Plan] | None = None,
-                 min_uptime: float | None = None) -> None:
+                 standin: tuple[list[str], Plan] | None = None) -> None:
         self.disk = disk
         self.socket_path = socket_path
         self.argv = argv
@@ -113,7 +112,6 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self.config = config
         self.policy = config.restart
-        self.min_uptime = self.policy.min_uptime if min_uptime is None else min_uptime
         self._emit = emit
         self.state = ProcState.STARTING
         self.pid: int | None = None
@@ -166,7 +164,7 @@ class Supervisor:
 
     @asynccontextmanager
     async def standin(self) -> AsyncIterator[None]:
-        """While the block, serve an empty export of the same size if nbdkit is down.
+        """Inside the ``async with``: if nbdkit is down, serve an empty export instead.
 
         QEMU's ``blockdev-del`` of an nbd node whose server is gone blocks
         QMP for the whole reconnect-delay (QEMU 7.2, measured: 30 s).  Its
@@ -234,7 +232,7 @@ class Supervisor:
             self._emit("nbdkit-exited", code=exit_info.code, signal=exit_info.signal,
                        reason=exit_info.reason)
 
-            if ready_at is None or now - ready_at < self.min_uptime:
+            if ready_at is None or now - ready_at < self.policy.min_uptime:
                 consecutive += 1
                 failures.append(now)
             else:
