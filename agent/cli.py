@@ -148,6 +148,8 @@ def _human(op: str, result: dict[str, Any]) -> str:
         return "\n".join(lines)
     if op == "ping":
         return f"nbd-hotplug {result['version']}, QEMU {result['qemu']}"
+    if op == "subscribe":
+        return "watching events (Ctrl-C to stop)"
     if op in ("add", "restart"):
         return (f"{result['disk']}: {result['state']} (nbdkit pid {result['pid']}, "
                 f"device {result['device']} on {result['bus']}, node {result['node']})")

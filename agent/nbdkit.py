@@ -146,14 +146,26 @@ def check_socket_path(path: Path) -> None:
                          f"use a shorter runtime directory")
 
 
-def open_listener(path: Path, backlog: int = 64) -> socket.socket:
+def open_listener(path: Path, backlog: int = 64, *, selinux_label: str | None = None
+                  ) -> socket.socket:
     """Bind and listen on a new Unix socket at ``path`` (mode 0600).
 
-    The socket is not inheritable by default; ``spawn`` passes it explicitly.
-    Raises OSError (e.g. the path exists).
+    With ``selinux_label``, the socket is created with that SELinux context
+    (what nbdkit's --selinux-label does for sockets it makes itself; here the
+    agent makes it).  The socket is not inheritable by default; ``spawn``
+    passes it explicitly.  Raises OSError (e.g. the path exists).
     """
     check_socket_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if selinux_label is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        # setsockcreatecon(3): the context of the next socket this thread makes.
+        attr = Path("/proc/thread-self/attr/sockcreate")
+        attr.write_text(selinux_label)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        finally:
+            attr.write_text("")
     try:
         old = os.umask(0o177)
         try:

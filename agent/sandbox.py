@@ -17,7 +17,10 @@ when available, and reported per disk (``Plan.layers``):
   system calls nbdkit has no business making (ptrace, mount, kexec, bpf,
   module loading, namespaces, ...);
 * ``ip_filter``: nbdkit's ip filter answers only QEMU's uid and the agent's;
-* ``selinux``: needs SELinux enabled; reported unavailable otherwise.
+* ``selinux``: with SELinux enabled and ``selinux_label`` configured, each
+  listening socket is created with that context (and nbdkit runs in
+  ``selinux_exec_label`` if set, through bubblewrap); unavailable otherwise.
+  Not exercised on the machines this was built on (no SELinux there).
 
 The wrapper (bubblewrap, or a plain bash keeper when bubblewrap is missing)
 is also nbdkit's parent for its whole life: see ``agent.nbdkit``.
@@ -129,8 +132,10 @@ class Policy:
     required: frozenset[str] = frozenset()
     #: directories the file plugin may serve from (empty: none)
     file_dirs: tuple[Path, ...] = ()
-    #: SELinux label for nbdkit's process, when SELinux is enabled
+    #: SELinux context of each nbdkit socket, when SELinux is enabled
     selinux_label: str | None = None
+    #: SELinux context nbdkit runs in (bwrap --exec-label), when enabled
+    selinux_exec_label: str | None = None
     #: turn every layer off (for debugging only)
     disabled: bool = False
 
@@ -205,7 +210,7 @@ def detect(policy: Policy, qemu_uid: int | None) -> Host:
             bwrap=bwrap,
             setpriv=setpriv,
             seccomp=bwrap is not None and platform.machine() == "x86_64",
-            selinux=Path("/sys/fs/selinux/enforce").exists() and bwrap is not None
+            selinux=Path("/sys/fs/selinux/enforce").exists()
             and policy.selinux_label is not None,
             allowed_uids=tuple(uids),
         )
@@ -236,6 +241,8 @@ class Plan:
     #: True if bubblewrap is the keeper (it reports nbdkit's pid itself)
     bwrap: bool
     layers: dict[str, Any]
+    #: SELinux context for the disk's listening socket
+    socket_label: str | None = None
 
 
 _ALWAYS_VISIBLE = ("/usr/", "/etc/")
@@ -308,9 +315,8 @@ def plan(host: Host, policy: Policy, plugin: str, paths: Mapping[str, bool]) -> 
             prefix += ["--seccomp", "SECCOMP_FD"]
             pipes["SECCOMP_FD"] = seccomp_program()
             layers["seccomp"] = {"denied": sorted(DENIED_SYSCALLS)}
-        if host.selinux and policy.selinux_label:
-            prefix += ["--exec-label", policy.selinux_label]
-            layers["selinux"] = policy.selinux_label
+        if host.selinux and policy.selinux_exec_label:
+            prefix += ["--exec-label", policy.selinux_exec_label]
         prefix.append("--")
     if host.setpriv:
         prefix += [host.setpriv, "--no-new-privs"]
@@ -328,7 +334,12 @@ def plan(host: Host, policy: Policy, plugin: str, paths: Mapping[str, bool]) -> 
         filter_params = [f"allow={','.join(f'uid:{u}' for u in host.allowed_uids)}",
                          "deny=all"]
         layers["ip_filter"] = {"allow_uids": list(host.allowed_uids)}
-    return Plan(prefix, shell, filters, filter_params, pipes, host.bwrap is not None, layers)
+    socket_label = None
+    if host.selinux and policy.selinux_label:
+        socket_label = policy.selinux_label
+        layers["selinux"] = {"socket": socket_label, "process": policy.selinux_exec_label}
+    return Plan(prefix, shell, filters, filter_params, pipes, host.bwrap is not None, layers,
+                socket_label)
 
 
 def host_paths(plugin: str, params: Mapping[str, str], readonly: bool,

@@ -147,7 +147,8 @@ class Supervisor:
         nbdkit and removes the socket (see the module docstring for detach).
         """
         try:
-            listener = nbdkit.open_listener(self.socket_path)
+            listener = nbdkit.open_listener(self.socket_path,
+                                            selinux_label=self.plan.socket_label)
         except OSError as err:
             raise NbdkitFailed(f"cannot listen on {self.socket_path}: {err}",
                                disk=self.disk) from err

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,21 @@ class Qemu:
         return self.lines[start:]
 
 
-@pytest.fixture
-async def qemu(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Qemu]:
-    qmp_path, test_path = short_tmp / "qmp.sock", short_tmp / "qmp-test.sock"
+@asynccontextmanager
+async def open_qemu(tmp: Path, nursery: trio.Nursery, machine: str = "q35"
+                    ) -> AsyncIterator[Qemu]:
+    """QEMU with no guest: q35 gets four free root ports, i440fx ("pc") none."""
+    qmp_path, test_path = tmp / "qmp.sock", tmp / "qmp-test.sock"
     argv = [
-        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-nodefaults",
+        "qemu-system-x86_64", "-machine", machine, "-accel", "tcg", "-nodefaults",
         "-display", "none", "-m", "128", "-S",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         "-qmp", f"unix:{test_path},server=on,wait=off",
         "-device", "virtio-scsi-pci,id=scsi0",
     ]
-    for i in range(1, 5):
-        argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i},slot={i},port={i}"]
+    if machine == "q35":
+        for i in range(1, 5):
+            argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i},slot={i},port={i}"]
     # stdbuf: qemu-io's printf output must not sit in a stdio buffer.
     proc = await trio.lowlevel.open_process(["stdbuf", "-oL", *argv],
                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
@@ -111,6 +115,12 @@ async def qemu(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Qemu]:
                     await proc.wait()
                 proc.kill()
             await proc.wait()
+
+
+@pytest.fixture
+async def qemu(short_tmp: Path, nursery: trio.Nursery) -> AsyncIterator[Qemu]:
+    async with open_qemu(short_tmp, nursery) as q:
+        yield q
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from agent.client import ControlClient, open_control
-from contrib.guest.qmp import QMPClient
+from contrib.guest.qmp import QMPClient, open_qmp
 from tests.conftest import (
     Agent,
     Qemu,
@@ -27,6 +27,7 @@ from tests.conftest import (
     make_image,
     node_names,
     ok,
+    open_qemu,
     peripherals,
     qemu_io,
 )
@@ -308,3 +309,18 @@ async def test_replaces_stale_control_socket_and_rejects_bad_qmp(
 async def _ping(agent: Agent) -> dict[str, Any]:
     async with open_control(agent.control) as ctl:
         return await ctl.call("ping")
+
+
+async def test_i440fx_root_bus(short_tmp: Path, nursery: trio.Nursery,
+                               spawn_agent: SpawnAgent) -> None:
+    async with open_qemu(short_tmp, nursery, machine="pc") as pc:
+        agent = await spawn_agent(pc, "--unplug-timeout", "0.5")
+        async with open_control(agent.control) as ctl, open_qmp(pc.test_qmp_path) as mon:
+            res = ok(await ctl.call("add", disk="p1", plugin="memory", params={"size": "4M"}))
+            assert res["bus"] == "pci.0"
+            out = await qemu_io(pc, mon, backend(res["device"]), "write -P 0x33 0 4k")
+            assert "wrote 4096/4096" in out, out
+            assert "read 4096/4096" in await qemu_io(pc, mon, backend(res["device"]),
+                                                     "read -P 0x33 0 4k")
+            # No guest OS answers the ACPI unplug request on i440fx either.
+            assert error_code(await ctl.call("remove", disk="p1")) == "unplug-timeout"
