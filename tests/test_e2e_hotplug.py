@@ -305,6 +305,25 @@ async def test_replaces_stale_control_socket_and_rejects_bad_qmp(
     assert b"cannot attach to QMP" in proc.stderr
     assert not (short_tmp / "c2.sock").exists()
 
+    # Something that answers, but is not QEMU.
+    async def not_qmp(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b'{"hello": "I am not QEMU"}\n')
+            await trio.sleep_forever()
+
+    fake = trio.socket.socket(socket.AF_UNIX)
+    await fake.bind(str(short_tmp / "fake.sock"))
+    fake.listen(4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, not_qmp, [trio.SocketListener(fake)])
+        with trio.fail_after(30):
+            proc = await trio.run_process(
+                [sys.executable, "-m", "agent", "serve", "--qmp", str(short_tmp / "fake.sock"),
+                 "--control", str(short_tmp / "c3.sock")], capture_stderr=True, check=False)
+        nursery.cancel_scope.cancel()
+    assert proc.returncode == 1
+    assert b"cannot attach to QMP" in proc.stderr, proc.stderr
+
 
 async def _ping(agent: Agent) -> dict[str, Any]:
     async with open_control(agent.control) as ctl:
