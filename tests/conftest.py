@@ -8,9 +8,7 @@ Readiness is awaited on real conditions (QMP accepting, the agent's
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -25,7 +23,10 @@ import pytest
 import trio
 
 from agent.client import ControlClient, open_control
+from contrib import lab
+from contrib.agentproc import AgentProcess
 from contrib.guest.qmp import QMPClient, open_qmp
+from contrib.lab import sandbox_owner
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -130,49 +131,12 @@ async def monitor(qemu: Qemu) -> AsyncIterator[QMPClient]:
         yield client
 
 
-class Agent:
+class Agent(AgentProcess):
     """A real agent process (``python -m agent serve``) and its log lines."""
 
     def __init__(self, proc: trio.Process, control: Path, runtime_dir: Path) -> None:
-        self.proc = proc
-        self.control = control
-        self.runtime_dir = runtime_dir
-        self.logs: list[dict[str, Any]] = []
+        super().__init__(proc, control, runtime_dir)
         self.left_behind: set[int] = set()
-        self._changed = trio.Event()
-
-    async def _read_stderr(self, task_status: trio.TaskStatus[None]) -> None:
-        assert self.proc.stderr is not None
-        buf = b""
-        started = False
-        async for chunk in self.proc.stderr:
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    entry = {"event": "raw", "line": line.decode(errors="replace")}
-                self.logs.append(entry)
-                if entry.get("event") == "agent-ready" and not started:
-                    started = True
-                    task_status.started()
-            self._changed.set()
-            self._changed = trio.Event()
-        if not started:
-            raise RuntimeError(f"agent exited before ready: {self.logs[-10:]}")
-
-    async def wait_log(self, event: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
-        """Wait until the agent logged ``event`` with the given fields."""
-        with trio.fail_after(timeout):
-            seen = 0
-            while True:
-                for entry in self.logs[seen:]:
-                    if entry.get("event") == event and all(
-                            entry.get(k) == v for k, v in match.items()):
-                        return entry
-                seen = len(self.logs)
-                await self._changed.wait()
 
     def descendants(self) -> set[int]:
         """Pids of every live process below the agent (keepers and nbdkits)."""
@@ -213,23 +177,14 @@ class Agent:
 
 def sandbox_user() -> tuple[int, int]:
     """The uid/gid the agent (as root) runs nbdkit as."""
-    for name in ("nbd-hotplug", "nobody"):
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return pw.pw_uid, pw.pw_gid
-    raise AssertionError("no sandbox user")
+    owner = sandbox_owner()
+    assert owner is not None, "the sandbox user exists only for a root agent"
+    return owner
 
 
 def make_image(path: Path, size: int = 8 << 20, fill: bytes = b"") -> Path:
     """A disk image the sandboxed nbdkit may read and write."""
-    with path.open("wb") as f:
-        f.write(fill)
-        f.truncate(size)
-    if os.geteuid() == 0:
-        os.chown(path, *sandbox_user())
-    return path
+    return lab.make_image(path, size, fill)
 
 
 async def start_agent(nursery: trio.Nursery, qemu: Any, tmp: Path,

@@ -48,6 +48,7 @@ import trio
 
 from agent import nbd
 from agent.client import ControlClient
+from contrib.agentproc import AgentProcess
 from contrib.guest.qmp import QMPClient, QMPError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -484,51 +485,13 @@ async def run_qemu(workdir: Path) -> AsyncIterator[Qemu]:
 # -- the agent ------------------------------------------------------------------------
 
 
-class Agent:
+class Agent(AgentProcess):
     """A running ``python -m agent serve`` and its JSON log lines."""
 
     def __init__(self, proc: trio.Process, control: Path, runtime_dir: Path) -> None:
-        self.proc = proc
-        self.control = control
-        self.runtime_dir = runtime_dir
-        self.logs: list[dict[str, Any]] = []
+        super().__init__(proc, control, runtime_dir)
         #: processes still tied to the runtime dir after the agent exited
         self.leftovers: list[str] = []
-        self._changed = trio.Event()
-
-    async def _read_stderr(self, task_status: trio.TaskStatus[None]) -> None:
-        assert self.proc.stderr is not None
-        buf = b""
-        started = False
-        async for chunk in self.proc.stderr:
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    entry = {"event": "raw", "line": line.decode(errors="replace")}
-                self.logs.append(entry)
-                if entry.get("event") == "agent-ready" and not started:
-                    started = True
-                    task_status.started()
-            self._changed.set()
-            self._changed = trio.Event()
-        if not started:
-            raise RuntimeError(f"the agent exited before it was ready: {self.logs[-10:]}")
-
-    async def wait_log(self, event: str, timeout: float = 30.0,
-                       **match: Any) -> dict[str, Any]:
-        """The first log entry ``event`` with the given fields (waits for it)."""
-        seen = 0
-        with trio.fail_after(timeout):
-            while True:
-                for entry in self.logs[seen:]:
-                    if entry.get("event") == event and all(
-                            entry.get(k) == v for k, v in match.items()):
-                        return entry
-                seen = len(self.logs)
-                await self._changed.wait()
 
     def problems(self) -> list[dict[str, Any]]:
         """Log entries at level warning or above (expected ones included)."""

@@ -1,0 +1,60 @@
+"""A running ``python -m agent serve`` seen from outside: its JSON log lines.
+
+Shared by the tests (``tests/conftest.py``) and the benchmarks
+(``contrib/bench/common.py``), which add their own ways of starting and
+stopping it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+
+class AgentProcess:
+    """The agent's process, control socket, runtime dir and log lines."""
+
+    def __init__(self, proc: trio.Process, control: Path, runtime_dir: Path) -> None:
+        self.proc = proc
+        self.control = control
+        self.runtime_dir = runtime_dir
+        self.logs: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+
+    async def _read_stderr(self, task_status: trio.TaskStatus[None]) -> None:
+        """Collect log lines until EOF; started once the agent logged agent-ready."""
+        assert self.proc.stderr is not None
+        buf = b""
+        started = False
+        async for chunk in self.proc.stderr:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = {"event": "raw", "line": line.decode(errors="replace")}
+                self.logs.append(entry)
+                if entry.get("event") == "agent-ready" and not started:
+                    started = True
+                    task_status.started()
+            self._changed.set()
+            self._changed = trio.Event()
+        if not started:
+            raise RuntimeError(f"the agent exited before it was ready: {self.logs[-10:]}")
+
+    async def wait_log(self, event: str, timeout: float = 30.0,
+                       **match: Any) -> dict[str, Any]:
+        """The first log entry ``event`` with the given fields (waits for it)."""
+        seen = 0
+        with trio.fail_after(timeout):
+            while True:
+                for entry in self.logs[seen:]:
+                    if entry.get("event") == event and all(
+                            entry.get(k) == v for k, v in match.items()):
+                        return entry
+                seen = len(self.logs)
+                await self._changed.wait()
