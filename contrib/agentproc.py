@@ -14,6 +14,29 @@ from typing import Any
 import trio
 
 
+def descendants_of(roots: set[int]) -> set[int]:
+    """Pids of every live (not zombie) process below ``roots``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
 class AgentProcess:
     """The agent's process, control socket, runtime dir and log lines."""
 
@@ -58,3 +81,7 @@ class AgentProcess:
                         return entry
                 seen = len(self.logs)
                 await self._changed.wait()
+
+    def descendants(self) -> set[int]:
+        """Pids of every live process below the agent (keepers and nbdkits)."""
+        return descendants_of({self.proc.pid})

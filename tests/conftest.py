@@ -24,7 +24,7 @@ import trio
 
 from agent.client import ControlClient, open_control
 from contrib import lab
-from contrib.agentproc import AgentProcess
+from contrib.agentproc import AgentProcess, descendants_of
 from contrib.guest.qmp import QMPClient, open_qmp
 from contrib.lab import sandbox_owner
 
@@ -138,33 +138,6 @@ class Agent(AgentProcess):
         super().__init__(proc, control, runtime_dir)
         self.left_behind: set[int] = set()
 
-    def descendants(self) -> set[int]:
-        """Pids of every live process below the agent (keepers and nbdkits)."""
-        return self.descendants_of({self.proc.pid})
-
-    @staticmethod
-    def descendants_of(roots: set[int]) -> set[int]:
-        """Pids of every live process below ``roots``."""
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] == "Z":
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-        out: set[int] = set()
-        todo = list(roots)
-        while todo:
-            for child in children.get(todo.pop(), []):
-                out.add(child)
-                todo.append(child)
-        return out
-
     async def stop(self) -> int:
         """SIGTERM; returns the exit status.  What it leaves running is noted
         (``left_behind``) for ``reap_agent``."""
@@ -212,7 +185,7 @@ async def reap_agent(agent: Agent) -> None:
     if agent.proc.returncode is None:
         agent.proc.kill()
     await agent.proc.wait()
-    left |= agent.descendants_of(left)
+    left |= descendants_of(left)
     pidfds = []
     for pid in left:
         with contextlib.suppress(ProcessLookupError):

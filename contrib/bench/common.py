@@ -48,7 +48,7 @@ import trio
 
 from agent import nbd
 from agent.client import ControlClient
-from contrib.agentproc import AgentProcess
+from contrib.agentproc import AgentProcess, descendants_of
 from contrib.guest.qmp import QMPClient, QMPError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,32 +269,9 @@ async def wait_connectable(path: Path, timeout: float = 20.0) -> None:
             return
 
 
-def _live_children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
-
 def descendants(pid: int) -> set[int]:
     """Pids of every live process below ``pid``."""
-    children = _live_children()
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
+    return descendants_of({pid})
 
 
 def kill_and_wait(pids: set[int], timeout: float = 5.0) -> None:
