@@ -28,7 +28,6 @@ class ControlClient:
         self._waiting: dict[Any, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._ev_send, self._ev_recv = trio.open_memory_channel[dict[str, Any]](10_000)
         self._stray_send, self._stray_recv = trio.open_memory_channel[dict[str, Any]](10_000)
-        self.closed = trio.Event()
 
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -77,7 +76,6 @@ class ControlClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self.closed.set()
             for send in self._waiting.values():
                 send.close()
             self._ev_send.close()

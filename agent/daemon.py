@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -404,11 +403,3 @@ def check_runtime_dir(path: Path) -> None:
     leftovers = sorted(p.name for p in path.iterdir())
     if leftovers:
         log.warning("runtime-dir-not-empty", path=str(path), entries=leftovers[:20])
-
-
-async def wait_for_signal() -> int:
-    """Return the number of the first SIGTERM or SIGINT received."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            return int(signum)
-    raise AssertionError("unreachable")

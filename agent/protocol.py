@@ -88,15 +88,6 @@ class Request(msgspec.Struct, frozen=True):
     args: _Args
 
 
-def peek_id(obj: Any) -> RequestId:
-    """The request's id if it is a valid one, else None (for error replies)."""
-    if isinstance(obj, dict):
-        rid = obj.get("id")
-        if rid is None or (isinstance(rid, str | int) and not isinstance(rid, bool)):
-            return rid
-    return None
-
-
 def parse_request(line: bytes) -> Request:
     """Decode and validate one request line.
 

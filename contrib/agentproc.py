@@ -14,6 +14,19 @@ from typing import Any
 import trio
 
 
+async def wait_connectable(path: Path, timeout: float = 20.0) -> None:
+    """Poll until a Unix socket accepts a connection.  Raises trio.TooSlowError."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_unix_socket(str(path))
+            except OSError:
+                await trio.sleep(0.01)
+                continue
+            await stream.aclose()
+            return
+
+
 def descendants_of(roots: set[int]) -> set[int]:
     """Pids of every live (not zombie) process below ``roots``, from /proc."""
     children: dict[int, list[int]] = {}

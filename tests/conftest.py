@@ -24,7 +24,7 @@ import trio
 
 from agent.client import ControlClient, open_control
 from contrib import lab
-from contrib.agentproc import AgentProcess, descendants_of
+from contrib.agentproc import AgentProcess, descendants_of, wait_connectable
 from contrib.guest.qmp import QMPClient, open_qmp
 from contrib.lab import sandbox_owner
 
@@ -37,19 +37,6 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nh-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-async def wait_connectable(path: Path, timeout: float = 20) -> None:
-    """Poll until a Unix socket accepts a connection (bounded)."""
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                stream = await trio.open_unix_socket(str(path))
-            except OSError:
-                await trio.sleep(0.02)
-                continue
-            await stream.aclose()
-            return
 
 
 class Qemu:

@@ -48,7 +48,7 @@ import trio
 
 from agent import nbd
 from agent.client import ControlClient
-from contrib.agentproc import AgentProcess, descendants_of
+from contrib.agentproc import AgentProcess, descendants_of, wait_connectable
 from contrib.guest.qmp import QMPClient, QMPError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,19 +254,6 @@ async def teardown(label: str, fn: Callable[[], Awaitable[object]],
         if scope.cancelled_caught:
             progress(f"teardown: {label}: no answer within {timeout:g} s")
     return ok
-
-
-async def wait_connectable(path: Path, timeout: float = 20.0) -> None:
-    """Poll until a Unix socket accepts a connection.  Raises trio.TooSlowError."""
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                stream = await trio.open_unix_socket(str(path))
-            except OSError:
-                await trio.sleep(0.01)
-                continue
-            await stream.aclose()
-            return
 
 
 def descendants(pid: int) -> set[int]:
